@@ -324,7 +324,7 @@ def matmul(
         _checks.check_shape("matmul", "bias", bias, (n,), f"N of b {tuple(b.shape)}")
     out_dtype = _checks.check_out_dtype("matmul", dtype if out_dtype is None else out_dtype)
     lead = a.shape[:-1]
-    a3 = a.astype(dtype).reshape(1, -1, a.shape[-1])
+    a3 = a.astype(dtype).reshape(1, math.prod(lead), a.shape[-1])
     b3 = b.astype(dtype)[None]
     out = _bmm(a3, b3, bias, out_dtype, _kernel_precision(precision, dtype), impl, config)
     return out.reshape(*lead, n)

@@ -1,0 +1,339 @@
+"""bi_jax.matmul / bi_jax.dot_general: accuracy vs float64, bitwise invariance, lowering, bad input."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import f64, randn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import bi_jax
+from bi_jax import _backend as be
+from bi_jax import testing
+from bi_jax.matmul import MatmulConfig, matmul_config, shipped_configs
+
+DTYPES = [jnp.bfloat16, jnp.float16, jnp.float32]
+INVARIANT_IMPLS = ["pallas", "reference"]
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _tf32(dtype, precision) -> bool:
+    """fp32 with DEFAULT precision is TF32 on the GPU (exact fp32 in interpret mode on the CPU)."""
+    return jnp.dtype(dtype) == jnp.float32 and precision != HIGHEST and be.has_gpu()
+
+
+# ------------------------------------------------------------------------------------- accuracy
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("impl", INVARIANT_IMPLS + ["xla"])
+@pytest.mark.parametrize("mkn", [(1, 70, 33), (37, 200, 130), (129, 64, 257)])
+def test_matmul_matches_float64(dtype, impl, mkn):
+    m, k, n = mkn
+    a, b, bias = randn((m, k), dtype), randn((k, n), dtype), randn((n,), dtype)
+    out = bi_jax.matmul(a, b, bias=bias, precision=HIGHEST, implementation=impl)
+    assert out.shape == (m, n) and out.dtype == dtype
+    testing.assert_close(out, f64(a) @ f64(b) + f64(bias), dtype=dtype)
+
+
+@pytest.mark.parametrize("impl", INVARIANT_IMPLS)
+def test_fp32_default_precision(impl):
+    a, b = randn((20, 96), jnp.float32), randn((96, 40), jnp.float32)
+    out = bi_jax.matmul(a, b, implementation=impl)
+    testing.assert_close(out, f64(a) @ f64(b), tf32=_tf32(jnp.float32, None))
+
+
+@pytest.mark.parametrize("impl", INVARIANT_IMPLS)
+def test_out_dtype_and_leading_dims(impl):
+    a, b = randn((2, 3, 5, 48), jnp.bfloat16), randn((48, 24), jnp.bfloat16)
+    out = bi_jax.matmul(a, b, out_dtype=jnp.float32, implementation=impl)
+    assert out.shape == (2, 3, 5, 24) and out.dtype == jnp.float32
+    testing.assert_close(out, f64(a) @ f64(b), dtype=jnp.float32)
+    # fp32 output of bf16 products with fp32 accumulation is as accurate as fp32 itself
+    one_d = bi_jax.matmul(a[0, 0, 0], b, implementation=impl)
+    assert one_d.shape == (24,)
+
+
+@pytest.mark.parametrize("impl", INVARIANT_IMPLS + ["xla"])
+@pytest.mark.parametrize("mkn", [(0, 8, 8), (8, 0, 8), (8, 8, 0), (0, 0, 0)])
+def test_empty_dims(impl, mkn):
+    m, k, n = mkn
+    a, b, bias = randn((m, k), jnp.float32), randn((k, n), jnp.float32), randn((n,), jnp.float32)
+    out = bi_jax.matmul(a, b, bias=bias, implementation=impl)
+    assert out.shape == (m, n)
+    np.testing.assert_array_equal(np.asarray(out), np.broadcast_to(f64(bias), (m, n)) if k == 0
+                                  else f64(a) @ f64(b) + f64(bias))
+
+
+@pytest.mark.parametrize("impl", INVARIANT_IMPLS)
+def test_nonfinite_rows_propagate_and_stay_local(impl):
+    a, b = randn((9, 40), jnp.float32), randn((40, 17), jnp.float32)
+    clean = np.asarray(bi_jax.matmul(a, b, implementation=impl))
+    a_bad = a.at[3, 5].set(jnp.nan).at[6, 0].set(jnp.inf)
+    out = np.asarray(bi_jax.matmul(a_bad, b, implementation=impl))
+    assert np.isnan(out[3]).all()
+    assert not np.isfinite(out[6]).any()
+    keep = [i for i in range(9) if i not in (3, 6)]
+    testing.assert_bitwise_equal(out[keep], clean[keep])
+
+
+# ----------------------------------------------------------------------------------- invariance
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("impl", INVARIANT_IMPLS)
+def test_batch_invariant(dtype, impl):
+    a, b, bias = randn((300, 96), dtype), randn((96, 72), dtype), randn((72,), dtype)
+    fn = jax.jit(functools.partial(bi_jax.matmul, b=b, bias=bias, implementation=impl))
+    testing.assert_batch_invariant(lambda x: fn(x), a)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_shipped_config_gives_the_same_bits(dtype):
+    """The tile policy may follow M only because every config it can pick gives the same bits."""
+    a, b = randn((150, 300), dtype), randn((300, 200), dtype)
+    configs = shipped_configs(dtype)
+    assert len(configs) >= 3
+    outs = [bi_jax.matmul(a, b, implementation="pallas", config=c) for c in configs]
+    for c, o in zip(configs[1:], outs[1:]):
+        testing.assert_bitwise_equal(o, outs[0], what=f"{c} vs {configs[0]}")
+
+
+def test_policy_keeps_block_k_fixed():
+    for dtype in DTYPES:
+        assert len({c.block_k for c in shipped_configs(dtype)}) == 1
+        assert {matmul_config(m, 4096, 4096, dtype) for m in range(1, 300)} <= set(
+            shipped_configs(dtype))
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    m=st.integers(1, 80), k=st.integers(1, 150), n=st.integers(1, 90),
+    split=st.floats(0, 1), impl=st.sampled_from(INVARIANT_IMPLS),
+)
+def test_property_prefix_equals_full(m, k, n, split, impl):
+    a, b = randn((m, k), jnp.bfloat16), randn((k, n), jnp.bfloat16)
+    full = bi_jax.matmul(a, b, implementation=impl)
+    s = max(1, int(split * m))
+    testing.assert_bitwise_equal(bi_jax.matmul(a[:s], b, implementation=impl), full[:s])
+    testing.assert_bitwise_equal(bi_jax.matmul(a[s - 1:], b, implementation=impl), full[s - 1:])
+    testing.assert_close(full, f64(a) @ f64(b), dtype=jnp.bfloat16)
+
+
+def test_reference_differs_from_xla_on_cpu_only_by_rounding():
+    """The reference is not jnp.dot (which varies with M even on the CPU), but it is as accurate."""
+    a, b = randn((64, 1024), jnp.float32), randn((1024, 64), jnp.float32)
+    ref = bi_jax.matmul(a, b, implementation="reference", precision=HIGHEST)
+    testing.assert_close(ref, f64(a) @ f64(b))
+
+
+# ----------------------------------------------------------------------------------- dot_general
+
+DOT_CASES = [
+    # (lhs shape, rhs shape, dimension numbers)
+    ((5, 7, 32), (32, 12), (((2,), (0,)), ((), ()))),  # nnx.Linear on [batch, seq, in]
+    ((32, 9), (32, 12), (((0,), (0,)), ((), ()))),  # contract the leading dim of lhs
+    ((9, 32), (12, 32), (((1,), (1,)), ((), ()))),  # x @ w.T
+    ((3, 9, 16), (3, 16, 5), (((2,), (1,)), ((0,), (0,)))),  # batched matmul
+    ((4, 6, 8, 10), (4, 10, 8, 3), (((2, 3), (2, 1)), ((0,), (0,)))),  # two contracting dims
+    ((2, 5, 3, 16), (3, 2, 16, 7), (((3,), (2,)), ((0, 2), (1, 0)))),  # two batch dims, permuted
+]
+
+
+@pytest.mark.parametrize("impl", INVARIANT_IMPLS + ["xla"])
+@pytest.mark.parametrize("case", DOT_CASES)
+def test_dot_general_matches_lax(impl, case):
+    ls, rs, dn = case
+    lhs, rhs = randn(ls, jnp.float32), randn(rs, jnp.float32)
+    out = bi_jax.dot_general(lhs, rhs, dn, precision=HIGHEST, implementation=impl)
+    expect = _np_dot_general(f64(lhs), f64(rhs), dn)
+    assert out.shape == expect.shape
+    testing.assert_close(out, expect)
+
+
+def _np_dot_general(lhs, rhs, dn):
+    """float64 lax.dot_general semantics through np.einsum (batch, lhs free, rhs free)."""
+    (lc, rc), (lb, rb) = dn
+    letters = iter("abcdefghijklmnopqrstuvwxyz")
+    ls = [next(letters) for _ in range(lhs.ndim)]
+    rs = [next(letters) for _ in range(rhs.ndim)]
+    for i, j in zip(lc + lb, rc + rb):
+        rs[j] = ls[i]
+    out = [ls[i] for i in lb] + [ls[i] for i in range(lhs.ndim) if i not in lc + lb] + [
+        rs[j] for j in range(rhs.ndim) if j not in rc + rb]
+    return np.einsum(f"{''.join(ls)},{''.join(rs)}->{''.join(out)}", lhs, rhs)
+
+
+def test_dot_general_flax_kwargs_and_preferred_type():
+    lhs, rhs = randn((4, 32), jnp.bfloat16), randn((32, 8), jnp.bfloat16)
+    out = bi_jax.dot_general(lhs, rhs, (((1,), (0,)), ((), ())), precision=None,
+                             preferred_element_type=jnp.float32, out_sharding=None,
+                             implementation="pallas")
+    assert out.dtype == jnp.float32
+    testing.assert_close(out, f64(lhs) @ f64(rhs), dtype=jnp.float32)
+
+
+def test_dot_general_in_flax_linear():
+    from flax import nnx
+
+    layer = nnx.Linear(48, 20, dot_general=functools.partial(bi_jax.dot_general,
+                                                             implementation="pallas"),
+                       rngs=nnx.Rngs(0))
+    x = randn((6, 48), jnp.float32)
+    out = layer(x)
+    ref = f64(x) @ f64(layer.kernel[...]) + f64(layer.bias[...])
+    testing.assert_close(out, ref, tf32=be.has_gpu())
+
+
+@pytest.mark.parametrize("impl", INVARIANT_IMPLS)
+def test_dot_general_batch_dim_invariance(impl):
+    """Batch elements of a batched dot_general never mix: prefix over the batch dim."""
+    lhs, rhs = randn((40, 5, 24), jnp.bfloat16), randn((40, 24, 6), jnp.bfloat16)
+    fn = lambda l, r: bi_jax.dot_general(l, r, (((2,), (1,)), ((0,), (0,))), implementation=impl)
+    testing.assert_batch_invariant(fn, lhs, rhs, batched_argnums=(0, 1), sizes=(1, 3, 17),
+                                   num_embeddings=1)
+
+
+# ----------------------------------------------------------------------------- jit / vmap / grad
+
+
+@pytest.mark.parametrize("impl", INVARIANT_IMPLS)
+def test_jit_vmap(impl):
+    a, b = randn((3, 10, 40), jnp.float32), randn((40, 16), jnp.float32)
+    f = jax.jit(jax.vmap(lambda x: bi_jax.matmul(x, b, precision=HIGHEST, implementation=impl)))
+    out = f(a)
+    testing.assert_close(out, f64(a) @ f64(b))
+    testing.assert_bitwise_equal(out[1], bi_jax.matmul(a[1], b, precision=HIGHEST,
+                                                       implementation=impl))
+
+
+@pytest.mark.parametrize("impl", INVARIANT_IMPLS)
+def test_grad_matches_float64(impl):
+    a, b, bias = randn((12, 40), jnp.float32), randn((40, 16), jnp.float32), randn((16,),
+                                                                                    jnp.float32)
+    w = randn((12, 16), jnp.float32)
+
+    def loss(a, b, bias):
+        out = bi_jax.matmul(a, b, bias=bias, precision=HIGHEST, implementation=impl)
+        return jnp.sum(out * w)
+
+    da, db, dbias = jax.grad(loss, argnums=(0, 1, 2))(a, b, bias)
+    testing.assert_close(da, f64(w) @ f64(b).T)
+    testing.assert_close(db, f64(a).T @ f64(w))
+    testing.assert_close(dbias, f64(w).sum(0))
+
+
+def test_grad_of_rows_is_batch_invariant():
+    a, b = randn((70, 48), jnp.bfloat16), randn((48, 24), jnp.bfloat16)
+    g = jax.jit(jax.grad(lambda x: jnp.sum(bi_jax.matmul(x, b, out_dtype=jnp.float32,
+                                                         implementation="pallas") ** 2)))
+    testing.assert_batch_invariant(g, a, sizes=(1, 7, 33), num_embeddings=1)
+
+
+# ---------------------------------------------------------------------------------- bad input
+
+
+def test_bad_shapes_name_both():
+    a, b = randn((4, 8), jnp.float32), randn((9, 3), jnp.float32)
+    with pytest.raises(ValueError, match=r"\(4, 8\).*\(9, 3\)"):
+        bi_jax.matmul(a, b)
+    with pytest.raises(ValueError, match=r"\(4, 8\)"):
+        bi_jax.matmul(a, randn((8, 3, 2), jnp.float32))
+    with pytest.raises(ValueError, match="bias"):
+        bi_jax.matmul(a, randn((8, 3), jnp.float32), bias=randn((4,), jnp.float32))
+    with pytest.raises(ValueError, match=r"lhs \(4, 8\), rhs \(9, 3\)"):
+        bi_jax.dot_general(a, b, (((1,), (0,)), ((), ())))
+    with pytest.raises(ValueError, match="out of range"):
+        bi_jax.dot_general(a, b, (((2,), (0,)), ((), ())))
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_, jnp.complex64, jnp.int8])
+def test_bad_dtypes(dtype):
+    a = jnp.ones((4, 8), dtype)
+    with pytest.raises(TypeError, match="dtype"):
+        bi_jax.matmul(a, jnp.ones((8, 3), jnp.float32))
+    with pytest.raises(TypeError, match="dtype"):
+        bi_jax.dot_general(jnp.ones((4, 8), jnp.float32), a.T, (((1,), (0,)), ((), ())))
+
+
+def test_unknown_implementation_lists_valid_names():
+    a, b = randn((4, 8), jnp.float32), randn((8, 3), jnp.float32)
+    with pytest.raises(ValueError, match="'pallas', 'reference', 'xla'"):
+        bi_jax.matmul(a, b, implementation="cublas")
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="power of two"):
+        MatmulConfig(48, 64, 64)
+
+
+def test_errors_raise_at_trace_time():
+    f = jax.jit(lambda a, b: bi_jax.matmul(a, b, implementation="pallas"))
+    with pytest.raises(ValueError):
+        f.trace(jax.ShapeDtypeStruct((4, 8), jnp.bfloat16), jax.ShapeDtypeStruct((7, 2),
+                                                                                   jnp.bfloat16))
+
+
+# ------------------------------------------------------------------------------ CUDA lowering
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_config_lowers_for_cuda(dtype):
+    """The real Pallas -> Triton lowering of every shipped config, on ragged shapes, with bias."""
+    for cfg in shipped_configs(dtype):
+        a = jax.ShapeDtypeStruct((3, 37, 100), dtype)
+        b = jax.ShapeDtypeStruct((100, 70), dtype)
+        bias = jax.ShapeDtypeStruct((70,), dtype)
+        fn = lambda a, b, bias, cfg=cfg: bi_jax.matmul(a, b, bias=bias, implementation="pallas",
+                                                       config=cfg, precision=HIGHEST)
+        exported = be.export_for_cuda(fn, a, b, bias)
+        assert be.triton_kernel_count(exported) == 1, cfg
+
+
+def test_dot_general_and_grad_lower_for_cuda():
+    lhs = jax.ShapeDtypeStruct((3, 9, 16), jnp.bfloat16)
+    rhs = jax.ShapeDtypeStruct((3, 16, 5), jnp.bfloat16)
+    dn = (((2,), (1,)), ((0,), (0,)))
+    fwd = lambda l, r: bi_jax.dot_general(l, r, dn, implementation="pallas")
+    assert be.triton_kernel_count(be.export_for_cuda(fwd, lhs, rhs)) == 1
+    grad = jax.value_and_grad(lambda l, r: fwd(l, r).astype(jnp.float32).sum(), argnums=(0, 1))
+    assert be.triton_kernel_count(be.export_for_cuda(grad, lhs, rhs)) == 3
+
+
+# --------------------------------------------------------------------------------- GPU only
+
+LLAMA_SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
+GPU_MS = sorted({*range(1, 18), 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 256, 257, 511,
+                 513, 1000, 1024, 2047, 4095, 4096, 8191, 8192})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kn", LLAMA_SHAPES)
+def test_gpu_llama_shapes_invariant_over_m(kn):
+    """Row bits equal the M=8192 result for every M in GPU_MS, under the shipped policy."""
+    k, n = kn
+    a, b = randn((8192, k), jnp.bfloat16), randn((k, n), jnp.bfloat16, scale=k ** -0.5)
+    f = jax.jit(lambda x: bi_jax.matmul(x, b, implementation="pallas"))
+    full = np.asarray(f(a))
+    for m in GPU_MS:
+        testing.assert_bitwise_equal(np.asarray(f(a[:m])), full[:m], what=f"M={m}, K={k}, N={n}")
+    rows = np.asarray(jax.random.choice(jax.random.key(0), 8192, (64,), replace=False))
+    testing.assert_close(full[rows], f64(a[rows]) @ f64(b), dtype=jnp.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kn", LLAMA_SHAPES)
+def test_gpu_every_config_same_bits(dtype, kn):
+    k, n = kn
+    a, b = randn((512, k), dtype), randn((k, n), dtype, scale=k ** -0.5)
+    outs = {c: np.asarray(bi_jax.matmul(a, b, implementation="pallas", config=c))
+            for c in shipped_configs(dtype)}
+    first = next(iter(outs.values()))
+    for c, o in outs.items():
+        testing.assert_bitwise_equal(o, first, what=f"{c}, K={k}, N={n}, {jnp.dtype(dtype)}")
