@@ -62,7 +62,10 @@ def ulp_distance(a: Any, b: Any) -> np.ndarray:
         sa, sb = a.view(np.int64), b.view(np.int64)
         lo = np.iinfo(np.int64).min
         oa, ob = np.where(sa < 0, lo - sa, sa), np.where(sb < 0, lo - sb, sb)
-        return np.abs(oa.astype(np.float64) - ob.astype(np.float64))
+        same_sign = (oa < 0) == (ob < 0)  # exact int64 difference; float for huge opposite-sign gaps
+        with np.errstate(over="ignore"):
+            exact = np.abs(oa - ob).astype(np.float64)
+        return np.where(same_sign, exact, np.abs(oa.astype(np.float64) - ob.astype(np.float64)))
     ua, ub = _uint_view(a).astype(np.int64), _uint_view(b).astype(np.int64)
     sign = np.int64(1) << (bits - 1)
 
@@ -228,7 +231,7 @@ def relative_error(actual: Any, expected: Any) -> float:
     finite = np.isfinite(e)
     if not np.array_equal(a[~finite], e[~finite], equal_nan=True):
         return float("inf")
-    num = np.linalg.norm((a - e)[finite])
+    num = np.linalg.norm(a[finite] - e[finite])
     den = np.linalg.norm(e[finite])
     return float(num / den) if den > 0 else float(num)
 
