@@ -238,10 +238,24 @@ def _bmm_bwd(out_dtype, precision, implementation, config, res, g):
     a, b, bias = res
     del out_dtype, config
     gt = jnp.result_type(g.dtype, a.dtype)
-    da = _bmm(g.astype(gt), jnp.swapaxes(b, 1, 2).astype(gt), None, a.dtype, precision,
-              implementation, None)
-    db = _bmm(jnp.swapaxes(a, 1, 2).astype(gt), g.astype(gt), None, b.dtype, precision,
-              implementation, None)
+    da = _bmm(
+        g.astype(gt),
+        jnp.swapaxes(b, 1, 2).astype(gt),
+        None,
+        a.dtype,
+        precision,
+        implementation,
+        None,
+    )
+    db = _bmm(
+        jnp.swapaxes(a, 1, 2).astype(gt),
+        g.astype(gt),
+        None,
+        b.dtype,
+        precision,
+        implementation,
+        None,
+    )
     dbias = None if bias is None else g.astype(jnp.float32).sum((0, 1)).astype(bias.dtype)
     return da, db, dbias
 
@@ -262,8 +276,11 @@ def _kernel_precision(precision: Any, dtype: Any) -> lax.Precision:
     if isinstance(precision, (tuple, list)):
         if len(precision) != 2:
             raise ValueError(f"precision must be one value or a (lhs, rhs) pair, got {precision!r}")
-        precision = _HIGHEST if _HIGHEST in tuple(lax.Precision(p) for p in precision) else \
-            lax.Precision.DEFAULT
+        precision = (
+            _HIGHEST
+            if _HIGHEST in tuple(lax.Precision(p) for p in precision)
+            else lax.Precision.DEFAULT
+        )
     if isinstance(precision, str):
         precision = lax.Precision(precision)
     if not isinstance(precision, lax.Precision):
@@ -377,8 +394,9 @@ def dot_general(
     return out
 
 
-def _check_dims(lhs, rhs, lc: Sequence[int], rc: Sequence[int], lb: Sequence[int],
-                rb: Sequence[int]) -> None:
+def _check_dims(
+    lhs, rhs, lc: Sequence[int], rc: Sequence[int], lb: Sequence[int], rb: Sequence[int]
+) -> None:
     shapes = f"lhs {tuple(lhs.shape)}, rhs {tuple(rhs.shape)}"
     if len(lc) != len(rc) or len(lb) != len(rb):
         raise ValueError(
@@ -400,7 +418,8 @@ def _check_dims(lhs, rhs, lc: Sequence[int], rc: Sequence[int], lb: Sequence[int
                 )
 
 
-def matmul_reference(a: jax.Array, b: jax.Array, *, bias: jax.Array | None = None,
-                     out_dtype: Any = None) -> jax.Array:
+def matmul_reference(
+    a: jax.Array, b: jax.Array, *, bias: jax.Array | None = None, out_dtype: Any = None
+) -> jax.Array:
     """The plain-jnp path of ``matmul`` (invariant by construction on every backend)."""
     return matmul(a, b, bias=bias, out_dtype=out_dtype, implementation="reference")

@@ -62,7 +62,9 @@ def ulp_distance(a: Any, b: Any) -> np.ndarray:
         sa, sb = a.view(np.int64), b.view(np.int64)
         lo = np.iinfo(np.int64).min
         oa, ob = np.where(sa < 0, lo - sa, sa), np.where(sb < 0, lo - sb, sb)
-        same_sign = (oa < 0) == (ob < 0)  # exact int64 difference; float for huge opposite-sign gaps
+        same_sign = (oa < 0) == (
+            ob < 0
+        )  # exact int64 difference; float for huge opposite-sign gaps
         with np.errstate(over="ignore"):
             exact = np.abs(oa - ob).astype(np.float64)
         return np.where(same_sign, exact, np.abs(oa.astype(np.float64) - ob.astype(np.float64)))
@@ -193,7 +195,7 @@ def assert_batch_invariant(
         assert_bitwise_equal(call(perm), rows(full, perm), axis=out_axis, what=f"permutation {p}")
 
     key = jax.random.key(seed)
-    for e in range(num_embeddings):
+    for _ in range(num_embeddings):
         row = int(rng.integers(n))
         m = int(rng.choice([s for s in (2, 3, 7, 16, 33, 64, n + 5) if s >= 2]))
         pos = int(rng.integers(m))

@@ -6,11 +6,10 @@ and on the real GPU when there is one; ``@pytest.mark.gpu`` tests are skipped wi
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from bi_jax import _backend
 

@@ -28,7 +28,11 @@ def run_matmul(key):
     for dtype in (jnp.bfloat16, jnp.float16, jnp.float32):
         for m, k, n in ((1, 100, 70), (3, 129, 33), (17, 64, 257), (130, 200, 190)):
             ka, kb, kc, key = jax.random.split(key, 4)
-            a, b, bias = _randn(ka, (m, k), dtype), _randn(kb, (k, n), dtype), _randn(kc, (n,), dtype)
+            a, b, bias = (
+                _randn(ka, (m, k), dtype),
+                _randn(kb, (k, n), dtype),
+                _randn(kc, (n,), dtype),
+            )
             for cfg in shipped_configs(dtype):
                 out = bi_jax.matmul(a, b, bias=bias, implementation="pallas", config=cfg)
                 assert np.isfinite(np.asarray(out, np.float32)).all()

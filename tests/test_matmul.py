@@ -66,8 +66,10 @@ def test_empty_dims(impl, mkn):
     a, b, bias = randn((m, k), jnp.float32), randn((k, n), jnp.float32), randn((n,), jnp.float32)
     out = bi_jax.matmul(a, b, bias=bias, implementation=impl)
     assert out.shape == (m, n)
-    np.testing.assert_array_equal(np.asarray(out), np.broadcast_to(f64(bias), (m, n)) if k == 0
-                                  else f64(a) @ f64(b) + f64(bias))
+    np.testing.assert_array_equal(
+        np.asarray(out),
+        np.broadcast_to(f64(bias), (m, n)) if k == 0 else f64(a) @ f64(b) + f64(bias),
+    )
 
 
 @pytest.mark.parametrize("impl", INVARIANT_IMPLS)
@@ -108,20 +110,24 @@ def test_policy_keeps_block_k_fixed():
     for dtype in DTYPES:
         assert len({c.block_k for c in shipped_configs(dtype)}) == 1
         assert {matmul_config(m, 4096, 4096, dtype) for m in range(1, 300)} <= set(
-            shipped_configs(dtype))
+            shipped_configs(dtype)
+        )
 
 
 @settings(max_examples=12, deadline=None)
 @given(
-    m=st.integers(1, 80), k=st.integers(1, 150), n=st.integers(1, 90),
-    split=st.floats(0, 1), impl=st.sampled_from(INVARIANT_IMPLS),
+    m=st.integers(1, 80),
+    k=st.integers(1, 150),
+    n=st.integers(1, 90),
+    split=st.floats(0, 1),
+    impl=st.sampled_from(INVARIANT_IMPLS),
 )
 def test_property_prefix_equals_full(m, k, n, split, impl):
     a, b = randn((m, k), jnp.bfloat16), randn((k, n), jnp.bfloat16)
     full = bi_jax.matmul(a, b, implementation=impl)
     s = max(1, int(split * m))
     testing.assert_bitwise_equal(bi_jax.matmul(a[:s], b, implementation=impl), full[:s])
-    testing.assert_bitwise_equal(bi_jax.matmul(a[s - 1:], b, implementation=impl), full[s - 1:])
+    testing.assert_bitwise_equal(bi_jax.matmul(a[s - 1 :], b, implementation=impl), full[s - 1 :])
     testing.assert_close(full, f64(a) @ f64(b), dtype=jnp.bfloat16)
 
 
@@ -164,16 +170,25 @@ def _np_dot_general(lhs, rhs, dn):
     rs = [next(letters) for _ in range(rhs.ndim)]
     for i, j in zip(lc + lb, rc + rb):
         rs[j] = ls[i]
-    out = [ls[i] for i in lb] + [ls[i] for i in range(lhs.ndim) if i not in lc + lb] + [
-        rs[j] for j in range(rhs.ndim) if j not in rc + rb]
+    out = (
+        [ls[i] for i in lb]
+        + [ls[i] for i in range(lhs.ndim) if i not in lc + lb]
+        + [rs[j] for j in range(rhs.ndim) if j not in rc + rb]
+    )
     return np.einsum(f"{''.join(ls)},{''.join(rs)}->{''.join(out)}", lhs, rhs)
 
 
 def test_dot_general_flax_kwargs_and_preferred_type():
     lhs, rhs = randn((4, 32), jnp.bfloat16), randn((32, 8), jnp.bfloat16)
-    out = bi_jax.dot_general(lhs, rhs, (((1,), (0,)), ((), ())), precision=None,
-                             preferred_element_type=jnp.float32, out_sharding=None,
-                             implementation="pallas")
+    out = bi_jax.dot_general(
+        lhs,
+        rhs,
+        (((1,), (0,)), ((), ())),
+        precision=None,
+        preferred_element_type=jnp.float32,
+        out_sharding=None,
+        implementation="pallas",
+    )
     assert out.dtype == jnp.float32
     testing.assert_close(out, f64(lhs) @ f64(rhs), dtype=jnp.float32)
 
@@ -181,9 +196,12 @@ def test_dot_general_flax_kwargs_and_preferred_type():
 def test_dot_general_in_flax_linear():
     from flax import nnx
 
-    layer = nnx.Linear(48, 20, dot_general=functools.partial(bi_jax.dot_general,
-                                                             implementation="pallas"),
-                       rngs=nnx.Rngs(0))
+    layer = nnx.Linear(
+        48,
+        20,
+        dot_general=functools.partial(bi_jax.dot_general, implementation="pallas"),
+        rngs=nnx.Rngs(0),
+    )
     x = randn((6, 48), jnp.float32)
     out = layer(x)
     ref = f64(x) @ f64(layer.kernel[...]) + f64(layer.bias[...])
@@ -195,8 +213,9 @@ def test_dot_general_batch_dim_invariance(impl):
     """Batch elements of a batched dot_general never mix: prefix over the batch dim."""
     lhs, rhs = randn((40, 5, 24), jnp.bfloat16), randn((40, 24, 6), jnp.bfloat16)
     fn = lambda l, r: bi_jax.dot_general(l, r, (((2,), (1,)), ((0,), (0,))), implementation=impl)
-    testing.assert_batch_invariant(fn, lhs, rhs, batched_argnums=(0, 1), sizes=(1, 3, 17),
-                                   num_embeddings=1)
+    testing.assert_batch_invariant(
+        fn, lhs, rhs, batched_argnums=(0, 1), sizes=(1, 3, 17), num_embeddings=1
+    )
 
 
 # ----------------------------------------------------------------------------- jit / vmap / grad
@@ -208,14 +227,18 @@ def test_jit_vmap(impl):
     f = jax.jit(jax.vmap(lambda x: bi_jax.matmul(x, b, precision=HIGHEST, implementation=impl)))
     out = f(a)
     testing.assert_close(out, f64(a) @ f64(b))
-    testing.assert_bitwise_equal(out[1], bi_jax.matmul(a[1], b, precision=HIGHEST,
-                                                       implementation=impl))
+    testing.assert_bitwise_equal(
+        out[1], bi_jax.matmul(a[1], b, precision=HIGHEST, implementation=impl)
+    )
 
 
 @pytest.mark.parametrize("impl", INVARIANT_IMPLS)
 def test_grad_matches_float64(impl):
-    a, b, bias = randn((12, 40), jnp.float32), randn((40, 16), jnp.float32), randn((16,),
-                                                                                    jnp.float32)
+    a, b, bias = (
+        randn((12, 40), jnp.float32),
+        randn((40, 16), jnp.float32),
+        randn((16,), jnp.float32),
+    )
     w = randn((12, 16), jnp.float32)
 
     def loss(a, b, bias):
@@ -230,8 +253,13 @@ def test_grad_matches_float64(impl):
 
 def test_grad_of_rows_is_batch_invariant():
     a, b = randn((70, 48), jnp.bfloat16), randn((48, 24), jnp.bfloat16)
-    g = jax.jit(jax.grad(lambda x: jnp.sum(bi_jax.matmul(x, b, out_dtype=jnp.float32,
-                                                         implementation="pallas") ** 2)))
+    g = jax.jit(
+        jax.grad(
+            lambda x: jnp.sum(
+                bi_jax.matmul(x, b, out_dtype=jnp.float32, implementation="pallas") ** 2
+            )
+        )
+    )
     testing.assert_batch_invariant(g, a, sizes=(1, 7, 33), num_embeddings=1)
 
 
@@ -275,8 +303,9 @@ def test_bad_config():
 def test_errors_raise_at_trace_time():
     f = jax.jit(lambda a, b: bi_jax.matmul(a, b, implementation="pallas"))
     with pytest.raises(ValueError):
-        f.trace(jax.ShapeDtypeStruct((4, 8), jnp.bfloat16), jax.ShapeDtypeStruct((7, 2),
-                                                                                   jnp.bfloat16))
+        f.trace(
+            jax.ShapeDtypeStruct((4, 8), jnp.bfloat16), jax.ShapeDtypeStruct((7, 2), jnp.bfloat16)
+        )
 
 
 # ------------------------------------------------------------------------------ CUDA lowering
@@ -289,8 +318,9 @@ def test_every_config_lowers_for_cuda(dtype):
         a = jax.ShapeDtypeStruct((3, 37, 100), dtype)
         b = jax.ShapeDtypeStruct((100, 70), dtype)
         bias = jax.ShapeDtypeStruct((70,), dtype)
-        fn = lambda a, b, bias, cfg=cfg: bi_jax.matmul(a, b, bias=bias, implementation="pallas",
-                                                       config=cfg, precision=HIGHEST)
+        fn = lambda a, b, bias, cfg=cfg: bi_jax.matmul(
+            a, b, bias=bias, implementation="pallas", config=cfg, precision=HIGHEST
+        )
         exported = be.export_for_cuda(fn, a, b, bias)
         assert be.triton_kernel_count(exported) == 1, cfg
 
@@ -308,8 +338,32 @@ def test_dot_general_and_grad_lower_for_cuda():
 # --------------------------------------------------------------------------------- GPU only
 
 LLAMA_SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
-GPU_MS = sorted({*range(1, 18), 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 256, 257, 511,
-                 513, 1000, 1024, 2047, 4095, 4096, 8191, 8192})
+GPU_MS = sorted(
+    {
+        *range(1, 18),
+        31,
+        32,
+        33,
+        63,
+        64,
+        65,
+        127,
+        128,
+        129,
+        255,
+        256,
+        257,
+        511,
+        513,
+        1000,
+        1024,
+        2047,
+        4095,
+        4096,
+        8191,
+        8192,
+    }
+)
 
 
 @pytest.mark.gpu
@@ -317,7 +371,7 @@ GPU_MS = sorted({*range(1, 18), 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 256,
 def test_gpu_llama_shapes_invariant_over_m(kn):
     """Row bits equal the M=8192 result for every M in GPU_MS, under the shipped policy."""
     k, n = kn
-    a, b = randn((8192, k), jnp.bfloat16), randn((k, n), jnp.bfloat16, scale=k ** -0.5)
+    a, b = randn((8192, k), jnp.bfloat16), randn((k, n), jnp.bfloat16, scale=k**-0.5)
     f = jax.jit(lambda x: bi_jax.matmul(x, b, implementation="pallas"))
     full = np.asarray(f(a))
     for m in GPU_MS:
@@ -331,9 +385,11 @@ def test_gpu_llama_shapes_invariant_over_m(kn):
 @pytest.mark.parametrize("kn", LLAMA_SHAPES)
 def test_gpu_every_config_same_bits(dtype, kn):
     k, n = kn
-    a, b = randn((512, k), dtype), randn((k, n), dtype, scale=k ** -0.5)
-    outs = {c: np.asarray(bi_jax.matmul(a, b, implementation="pallas", config=c))
-            for c in shipped_configs(dtype)}
+    a, b = randn((512, k), dtype), randn((k, n), dtype, scale=k**-0.5)
+    outs = {
+        c: np.asarray(bi_jax.matmul(a, b, implementation="pallas", config=c))
+        for c in shipped_configs(dtype)
+    }
     first = next(iter(outs.values()))
     for c, o in outs.items():
         testing.assert_bitwise_equal(o, first, what=f"{c}, K={k}, N={n}, {jnp.dtype(dtype)}")

@@ -57,8 +57,11 @@ def test_batch_axis_and_pytree_outputs():
 def test_ulp_distance():
     for dtype in (np.float16, np.float32, np.float64, jnp.bfloat16):
         one = np.array([1.0], dtype)
-        nxt = np.nextafter(one.astype(np.float32), np.float32(2)).astype(dtype) if dtype in (
-            np.float16, jnp.bfloat16) else np.nextafter(one, dtype(2))
+        nxt = (
+            np.nextafter(one.astype(np.float32), np.float32(2)).astype(dtype)
+            if dtype in (np.float16, jnp.bfloat16)
+            else np.nextafter(one, dtype(2))
+        )
         if dtype in (np.float16, jnp.bfloat16):  # step by one bit pattern
             bits = one.view(np.uint16) + 1
             nxt = bits.view(dtype)
@@ -84,5 +87,8 @@ def test_assert_close_and_nonfinite():
         testing.assert_close(np.array([1.0, 2.0, 3.0, np.inf], np.float32), e)
     with pytest.raises(AssertionError, match="exceeds"):
         testing.assert_close(np.array([1.1, 2.0], np.float32), np.array([1.0, 2.0]))
-    assert testing.tolerance(jnp.bfloat16) > testing.tolerance(jnp.float16) > testing.tolerance(
-        jnp.float32)
+    assert (
+        testing.tolerance(jnp.bfloat16)
+        > testing.tolerance(jnp.float16)
+        > testing.tolerance(jnp.float32)
+    )
