@@ -1,0 +1,743 @@
+"""Batch-invariant attention: ``attention`` (prefill) and ``decode_attention`` (over a KV cache).
+
+Shapes:
+  ``attention(q, k, v)``: q ``[B, Tq, Hq, D]``, k/v ``[B, Tk, Hkv, D]`` -> ``[B, Tq, Hq, D]``.
+  ``decode_attention(q, k_cache, v_cache, lengths)``: q ``[B, Tq, Hq, D]`` (the new tokens),
+  caches ``[B, S, Hkv, D]`` already holding the new tokens, ``lengths [B]`` -> ``[B, Tq, Hq, D]``.
+  ``Hq % Hkv == 0`` (MHA, GQA, MQA): query head ``h`` reads KV head ``h // (Hq // Hkv)``. D is a
+  power of two from 16 to 256 (64, 128 and 256 are the tuned ones).
+
+Positions: keys sit at absolute positions ``0 .. Tk-1`` (cache slot = position). A query token has
+an absolute position ``pos`` and a count ``n`` of valid keys: the keys ``0 .. n-1``, with
+``n = min(kv_len, pos + 1)`` when causal and ``n = kv_len`` otherwise. In ``attention`` query
+``i`` sits at ``Tk - Tq + i`` (or ``q_offset[b] + i``) and ``kv_len = kv_lengths[b]`` (default
+``Tk``); in ``decode_attention`` new token ``j`` of row ``b`` sits at
+``lengths[b] - q_lengths[b] + j`` and ``kv_len = lengths[b]``. Rows with ``n == 0``
+(``lengths == 0``, padding query rows ``j >= q_lengths[b]``, causal queries before position 0)
+give zeros, never NaN.
+
+Dtypes: bfloat16, float16, float32 (q, k, v promoted to one dtype, the output dtype). Scores,
+softmax statistics and the accumulator are fp32; ``p`` is rounded to the input dtype before the
+``p @ v`` MMA (as in flash attention). fp32 inputs use IEEE fp32 products
+(``Precision.HIGHEST``), not TF32.
+
+Invariance:
+  The numerics have two levels, both anchored at absolute key positions. The key axis is cut into
+  splits of a fixed ``split_size`` (a config constant, never derived from a shape) starting at
+  multiples of ``split_size``; each split is cut into blocks of a fixed ``block_k``. Inside a split
+  an online softmax runs over its blocks in ascending order and yields a partial ``(m, l, acc)`` in
+  fp32; the partials of splits 0, 1, 2, ... are folded in that order by one shared function
+  (``_fold``), and the result is divided once (``_finalize``). Prefill (``attention``) runs the
+  splits of a query tile one after another in one program and folds them in registers; decode
+  (``decode_attention`` with few query rows) runs the splits in parallel (grid over splits), writes
+  the partials in fp32 and folds them in a second small kernel, in the same order and with the same
+  code. A token therefore goes through the same block and split boundaries and the same arithmetic
+  whichever path computes it, with whatever other tokens share its tile: a block or split with no
+  valid key for a row leaves that row's state untouched (``jnp.where`` on a per-row ``active``
+  flag, so bits, -0 included, cannot move), and the first block of a valid split always holds a
+  valid key (the split's first position), so every running max is finite where it is used. The
+  running max is rounded up to an integer (log2 domain), so every rescale factor
+  ``exp2(m_old - m_new)`` is a power of two and every ``factor * state`` product is exact: the
+  result does not depend on whether a compiler fuses ``a * b + c`` into an FMA. The tile
+  (``block_q`` rows = query tokens x query heads of one KV group), ``num_warps`` and ``num_stages``
+  are the same constants in both paths (they could change the reduction layout on the GPU); only
+  the launch strategy (``split_kv``) differs, and it is chosen from shapes freely because it does
+  not change bits. The reference path has the same two-level structure in plain jnp (elementwise
+  products, fixed pairwise trees over ``D`` and over the keys of a block, sequential scans over
+  blocks and splits), so it is batch-, slicing- and run-invariant by construction on every backend;
+  its bits differ from the Pallas kernel's. ``implementation="xla"`` promises nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from bi_jax import _backend as be
+from bi_jax import _checks
+from bi_jax.reductions import exact_f32
+
+__all__ = [
+    "HEAD_DIMS",
+    "AttentionConfig",
+    "attention",
+    "attention_config",
+    "attention_reference",
+    "decode_attention",
+    "decode_attention_reference",
+    "shipped_configs",
+]
+
+HEAD_DIMS = (16, 32, 64, 128, 256)
+_NEG_INF = float("-inf")
+_LOG2E = math.log2(math.e)
+
+# ------------------------------------------------------------------------------------------ config
+
+
+def _is_pow2(x: int) -> bool:
+    return x > 0 and x & (x - 1) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    """Tile sizes and launch parameters of the Pallas kernels (the reference uses the blocks too).
+
+    Part of the numerics (keep them equal across every call whose bits you compare; the defaults of
+    ``attention_config`` depend on the head dim and dtype only):
+      block_k: keys per block of the online softmax.
+      split_size: keys per split (a multiple of ``block_k``); splits start at multiples of it.
+      block_q: rows per tile (query tokens x query heads of one KV group). Rows never mix in the
+        MMA, but the row count may change the register layout of the row sums on the GPU, so both
+        paths use the same value.
+      num_warps, num_stages: launch parameters of the main kernel (same reason).
+    Not part of the numerics:
+      split_kv: None (auto: split the KV axis over the grid when one query tile covers all rows and
+        the context is longer than one split), True (always: partials + combine kernel) or False
+        (never: every program folds its splits itself). Both strategies give identical bits.
+      combine_num_warps: warps of the combine kernel (elementwise only).
+    """
+
+    block_q: int = 64
+    block_k: int = 64
+    split_size: int = 512
+    num_warps: int = 4
+    num_stages: int = 2
+    split_kv: bool | None = None
+    combine_num_warps: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("block_q", "block_k"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 16 or not _is_pow2(v):
+                raise ValueError(f"AttentionConfig.{name}={v!r} must be a power of two >= 16")
+        if (not isinstance(self.split_size, int) or self.split_size < self.block_k
+                or self.split_size % self.block_k):
+            raise ValueError(
+                f"AttentionConfig.split_size={self.split_size!r} must be a positive multiple of "
+                f"block_k={self.block_k}"
+            )
+        for name in ("num_warps", "combine_num_warps"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or not _is_pow2(v) or v > 32:
+                raise ValueError(f"AttentionConfig.{name}={v!r} must be a power of two <= 32")
+        if not isinstance(self.num_stages, int) or self.num_stages < 1:
+            raise ValueError(f"AttentionConfig.num_stages={self.num_stages!r} must be >= 1")
+        if self.split_kv not in (None, True, False):
+            raise ValueError(f"AttentionConfig.split_kv={self.split_kv!r} must be None or a bool")
+
+
+def attention_config(head_dim: int, dtype: Any) -> AttentionConfig:
+    """The default config: depends on the head dim and dtype only (never on batch or lengths)."""
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.float32:  # IEEE fp32 dots run on FMA units: small tiles, bounded registers
+        return AttentionConfig(block_q=32, block_k=32, split_size=512,
+                               num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+    return AttentionConfig(block_q=64, block_k=64, split_size=512,
+                           num_warps=4 if head_dim <= 128 else 8, num_stages=2)
+
+
+def shipped_configs() -> tuple[tuple[int, jnp.dtype, AttentionConfig], ...]:
+    """``(head_dim, dtype, config)`` for every default config (for the lowering tests)."""
+    return tuple(
+        (d, jnp.dtype(t), attention_config(d, t))
+        for t in (jnp.bfloat16, jnp.float16, jnp.float32)
+        for d in (64, 128, 256)
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Geometry:
+    """Static layout of the row tiles: a tile is ``bt`` query tokens x ``bg`` heads of one group."""
+
+    batch: int
+    tq: int
+    hq: int
+    hkv: int
+    group: int  # query heads per KV head
+    d: int
+    tk: int
+    bg: int  # heads per tile
+    bt: int  # tokens per tile
+    n_hsub: int  # head sub-groups per KV head (when the group exceeds block_q)
+    n_tblk: int  # token blocks
+
+    @property
+    def rows(self) -> int:
+        return self.bt * self.bg
+
+    @property
+    def programs(self) -> int:
+        return self.batch * self.hkv * self.n_hsub
+
+
+def _geometry(q_shape: tuple[int, ...], k_shape: tuple[int, ...], block_q: int) -> _Geometry:
+    batch, tq, hq, d = q_shape
+    tk, hkv = k_shape[1], k_shape[2]
+    group = hq // hkv
+    gp = 1 << (group - 1).bit_length()
+    bg = min(gp, block_q)
+    bt = block_q // bg
+    return _Geometry(batch, tq, hq, hkv, group, d, tk, bg, bt, gp // bg, be.cdiv(tq, bt))
+
+
+# ----------------------------------------------------------------- shared arithmetic (all paths)
+
+
+def _online_step(state, s, active, pv_fn, row_sum):
+    """One block of the online softmax for every row; rows with ``active`` False keep their state.
+
+    ``s``: ``[..., block_k]`` scores (already scaled by ``scale * log2(e)``), ``-inf`` where masked.
+    ``pv_fn(p)``: ``p [..., block_k]`` -> ``p @ v [..., D]`` in fp32; ``row_sum``: the key sum.
+    """
+    m, l, acc = state
+    m_new = jnp.maximum(m, jnp.ceil(jnp.max(s, axis=-1)))  # integer-valued (or -inf)
+    m_use = jnp.where(m_new == _NEG_INF, 0.0, m_new)
+    alpha = jnp.exp2(m - m_use)  # a power of two: alpha * state is exact
+    p = jnp.exp2(s - m_use[..., None])
+    l_new = alpha * l + row_sum(p)
+    acc_new = alpha[..., None] * acc + pv_fn(p)
+    return (
+        jnp.where(active, m_new, m),
+        jnp.where(active, l_new, l),
+        jnp.where(active[..., None], acc_new, acc),
+    )
+
+
+def _fold(state, part, ok):
+    """Fold split partial ``part`` into the running ``state`` for the rows where ``ok`` holds."""
+    big_m, big_l, big_a = state
+    m, l, acc = part
+    m_new = jnp.maximum(big_m, m)
+    m_use = jnp.where(m_new == _NEG_INF, 0.0, m_new)
+    a = jnp.exp2(big_m - m_use)  # powers of two (integer-valued maxima): exact products below
+    b = jnp.exp2(m - m_use)
+    l_new = big_l * a + l * b
+    a_new = big_a * a[..., None] + acc * b[..., None]
+    return (
+        jnp.where(ok, m_new, big_m),
+        jnp.where(ok, l_new, big_l),
+        jnp.where(ok[..., None], a_new, big_a),
+    )
+
+
+def _finalize(state):
+    """``acc / l``; rows that saw no valid key (``l == 0``) give exact zeros."""
+    _, l, acc = state
+    has = l > 0
+    return jnp.where(has[..., None], acc / jnp.where(has, l, 1.0)[..., None], 0.0)
+
+
+def _init_state(rows_shape: tuple[int, ...], d: int):
+    return (
+        jnp.full(rows_shape, _NEG_INF, jnp.float32),
+        jnp.zeros(rows_shape, jnp.float32),
+        jnp.zeros((*rows_shape, d), jnp.float32),
+    )
+
+
+# ----------------------------------------------------------------------------------------- kernels
+
+
+def _tile_rows(meta_ref, pid0, tb, *, geo: _Geometry, causal: bool):
+    """Bookkeeping of tile (pid0, tb): batch row, KV head, first head, row validity, ``n``."""
+    per_b = geo.hkv * geo.n_hsub
+    b = lax.div(pid0, per_b)
+    kvh = lax.div(lax.rem(pid0, per_b), geo.n_hsub)
+    g0 = lax.rem(pid0, geo.n_hsub) * geo.bg
+    q_start, q_len, kv_len = meta_ref[b, 0], meta_ref[b, 1], meta_ref[b, 2]
+    r = jnp.arange(geo.rows, dtype=jnp.int32)
+    t = tb * geo.bt + lax.div(r, geo.bg)
+    g = g0 + lax.rem(r, geo.bg)
+    valid = (t < q_len) & (g < geo.group)
+    n = jnp.minimum(kv_len, q_start + t + 1) if causal else jnp.zeros_like(t) + kv_len
+    n = jnp.where(valid, jnp.maximum(n, 0), 0)  # [rows] valid keys per row
+    return b, kvh, g0, kv_len, valid, n
+
+
+def _q_block(ref, b, tb, kvh, g0, *, geo: _Geometry):
+    """(ref view, mask, 3-D shape or None) of the q/o block of a tile: rows = (token, head)."""
+    t0, h0 = tb * geo.bt, kvh * geo.group + g0
+    tok_ok = (t0 + jnp.arange(geo.bt)) < geo.tq
+    head_ok = (g0 + jnp.arange(geo.bg)) < geo.group
+    if geo.bg == 1:  # MHA: rows are tokens of one head
+        mask = jnp.broadcast_to(tok_ok[:, None], (geo.bt, geo.d))
+        return ref.at[b, be.ds(t0, geo.bt), h0, :], mask, None
+    if geo.bt == 1:  # the tile is heads of one token
+        mask = jnp.broadcast_to(head_ok[:, None], (geo.bg, geo.d))
+        return ref.at[b, t0, be.ds(h0, geo.bg), :], mask, None
+    shape3 = (geo.bt, geo.bg, geo.d)
+    mask = jnp.broadcast_to(tok_ok[:, None, None] & head_ok[None, :, None], shape3)
+    return ref.at[b, be.ds(t0, geo.bt), be.ds(h0, geo.bg), :], mask, shape3
+
+
+def _load_q(q_ref, b, tb, kvh, g0, *, geo):
+    view, mask, shape3 = _q_block(q_ref, b, tb, kvh, g0, geo=geo)
+    q = be.load(view, mask=mask, other=0.0)  # [bt, bg, D] or [rows, D]
+    return q if shape3 is None else q.reshape(geo.rows, geo.d)  # [rows, D]
+
+
+def _store_o(o_ref, out, b, tb, kvh, g0, *, geo):
+    view, mask, shape3 = _q_block(o_ref, b, tb, kvh, g0, geo=geo)
+    out = out.astype(o_ref.dtype)  # [rows, D]
+    be.store(view, out if shape3 is None else out.reshape(shape3), mask=mask)
+
+
+def _split_partial(q, k_ref, v_ref, b, kvh, j, kv_len, n, n_tile, *, geo, cfg, c, precision):
+    """Online softmax over the blocks of split ``j`` -> partial ``(m, l, acc)`` for every row."""
+    bk, d = cfg.block_k, geo.d
+    k_begin = j * cfg.split_size
+    num_blocks = lax.div(jnp.clip(n_tile - k_begin, 0, cfg.split_size) + (bk - 1), bk)
+
+    def body(i, state):
+        k0 = k_begin + i * bk
+        keys = k0 + jnp.arange(bk, dtype=jnp.int32)
+        kv_mask = jnp.broadcast_to((keys < kv_len)[:, None], (bk, d))
+        k_blk = be.load(k_ref.at[b, be.ds(k0, bk), kvh, :], mask=kv_mask, other=0.0)  # [bk, D]
+        v_blk = be.load(v_ref.at[b, be.ds(k0, bk), kvh, :], mask=kv_mask, other=0.0)  # [bk, D]
+        s = lax.dot_general(  # [rows, bk]
+            q, k_blk, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
+            precision=precision,
+        ) * c
+        s = jnp.where(keys[None, :] < n[:, None], s, _NEG_INF)
+
+        def pv(p):  # [rows, bk] -> [rows, D]
+            return jnp.dot(p.astype(v_blk.dtype), v_blk, preferred_element_type=jnp.float32,
+                           precision=precision)
+
+        return _online_step(state, s, k0 < n, pv, functools.partial(jnp.sum, axis=-1))
+
+    return lax.fori_loop(0, num_blocks, body, _init_state((geo.rows,), d))
+
+
+def _attention_kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, *, geo, cfg, causal, c, precision):
+    """Fold mode: one program owns a tile of rows and runs all its splits, folding in registers."""
+    pid0, tb = be.program_id(0), be.program_id(1)
+    b, kvh, g0, kv_len, _, n = _tile_rows(meta_ref, pid0, tb, geo=geo, causal=causal)
+    q = _load_q(q_ref, b, tb, kvh, g0, geo=geo)  # [rows, D]
+    n_tile = jnp.max(n)
+    num_splits = lax.div(n_tile + (cfg.split_size - 1), cfg.split_size)
+
+    def body(j, state):
+        part = _split_partial(q, k_ref, v_ref, b, kvh, j, kv_len, n, n_tile, geo=geo, cfg=cfg,
+                              c=c, precision=precision)
+        return _fold(state, part, j * cfg.split_size < n)
+
+    state = lax.fori_loop(0, num_splits, body, _init_state((geo.rows,), geo.d))
+    _store_o(o_ref, _finalize(state), b, tb, kvh, g0, geo=geo)
+
+
+def _split_kernel(meta_ref, q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, *, geo, cfg, causal, c,
+                  precision, part_rows):
+    """Split mode, phase 1: program (tile, j) writes the fp32 partial of split ``j``."""
+    pid0, tb, j = be.program_id(0), be.program_id(1), be.program_id(2)
+    b, kvh, g0, kv_len, _, n = _tile_rows(meta_ref, pid0, tb, geo=geo, causal=causal)
+    q = _load_q(q_ref, b, tb, kvh, g0, geo=geo)  # [rows, D]
+    m, l, acc = _split_partial(q, k_ref, v_ref, b, kvh, j, kv_len, n, jnp.max(n), geo=geo,
+                               cfg=cfg, c=c, precision=precision)
+    ok = (j * cfg.split_size < n) & (jnp.arange(geo.rows) < part_rows)  # [rows]
+    rows = be.ds(0, geo.rows)
+    be.store(m_ref.at[pid0, tb, j, rows], m, mask=ok)  # [rows]
+    be.store(l_ref.at[pid0, tb, j, rows], l, mask=ok)  # [rows]
+    be.store(acc_ref.at[pid0, tb, j, rows, :], acc,  # [rows, D]
+             mask=jnp.broadcast_to(ok[:, None], acc.shape))
+
+
+def _combine_kernel(meta_ref, m_ref, l_ref, acc_ref, o_ref, *, geo, cfg, causal):
+    """Split mode, phase 2: fold the partials of splits 0, 1, 2, ... in order and normalise."""
+    pid0, tb = be.program_id(0), be.program_id(1)
+    b, kvh, g0, _, _, n = _tile_rows(meta_ref, pid0, tb, geo=geo, causal=causal)
+    num_splits = lax.div(jnp.max(n) + (cfg.split_size - 1), cfg.split_size)
+    rows = be.ds(0, geo.rows)
+
+    def body(j, state):
+        ok = j * cfg.split_size < n  # [rows]; implies the row was written
+        m = be.load(m_ref.at[pid0, tb, j, rows], mask=ok, other=_NEG_INF)  # [rows]
+        l = be.load(l_ref.at[pid0, tb, j, rows], mask=ok, other=0.0)  # [rows]
+        acc = be.load(acc_ref.at[pid0, tb, j, rows, :],  # [rows, D]
+                      mask=jnp.broadcast_to(ok[:, None], (geo.rows, geo.d)), other=0.0)
+        return _fold(state, (m, l, acc), ok)
+
+    state = lax.fori_loop(0, num_splits, body, _init_state((geo.rows,), geo.d))
+    _store_o(o_ref, _finalize(state), b, tb, kvh, g0, geo=geo)
+
+
+# ---------------------------------------------------------------------------------------- launcher
+
+
+def _precision(dtype) -> lax.Precision:
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
+
+
+def _use_split_kv(cfg: AttentionConfig, geo: _Geometry) -> bool:
+    if cfg.split_kv is not None:
+        return cfg.split_kv
+    return geo.n_tblk == 1 and geo.tk > cfg.split_size
+
+
+def _attend_pallas(q, k, v, meta, *, causal, c, cfg):
+    """Launcher: q [B, Tq, Hq, D], k/v [B, Tk, Hkv, D], meta [B, 3] int32 -> [B, Tq, Hq, D]."""
+    geo = _geometry(q.shape, k.shape, cfg.block_q)
+    common = dict(geo=geo, cfg=cfg, causal=causal)
+    precision = _precision(q.dtype)
+    out_shape = jax.ShapeDtypeStruct(q.shape, q.dtype)
+    if not _use_split_kv(cfg, geo):
+        call = be.pallas_call(
+            functools.partial(_attention_kernel, c=c, precision=precision, **common),
+            out_shape=out_shape,
+            grid=(geo.programs, geo.n_tblk),
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+            name="bi_jax_attention",
+        )
+        return call(meta, q, k, v)
+    n_splits = be.cdiv(geo.tk, cfg.split_size)
+    part_rows = geo.rows if geo.n_tblk > 1 else geo.tq * geo.bg  # rows that can ever be valid
+    lead = (geo.programs, geo.n_tblk, n_splits, part_rows)
+    parts = be.pallas_call(
+        functools.partial(_split_kernel, c=c, precision=precision, part_rows=part_rows, **common),
+        out_shape=(
+            jax.ShapeDtypeStruct(lead, jnp.float32),  # m
+            jax.ShapeDtypeStruct(lead, jnp.float32),  # l
+            jax.ShapeDtypeStruct((*lead, geo.d), jnp.float32),  # acc
+        ),
+        grid=(geo.programs, geo.n_tblk, n_splits),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+        name="bi_jax_attention_split",
+    )(meta, q, k, v)
+    return be.pallas_call(
+        functools.partial(_combine_kernel, **common),
+        out_shape=out_shape,
+        grid=(geo.programs, geo.n_tblk),
+        num_warps=cfg.combine_num_warps,
+        num_stages=1,
+        name="bi_jax_attention_combine",
+    )(meta, *parts)
+
+
+# --------------------------------------------------------------------------------------- reference
+
+
+def _tree_sum(x, axis: int):
+    """Sum over ``axis`` (a power of two) by a fixed pairwise tree of elementwise adds."""
+    axis = axis % x.ndim
+    while x.shape[axis] > 1:
+        h = x.shape[axis] // 2
+        x = lax.slice_in_dim(x, 0, h, axis=axis) + lax.slice_in_dim(x, h, 2 * h, axis=axis)
+    return lax.squeeze(x, (axis,))
+
+
+def _row_counts(meta, tq: int, causal: bool):
+    """meta [B, 3] -> n [B, Tq]: valid keys of every query token (0 for padding rows)."""
+    q_start, q_len, kv_len = meta[:, 0:1], meta[:, 1:2], meta[:, 2:3]
+    t = jnp.arange(tq, dtype=jnp.int32)[None, :]
+    if causal:
+        n = jnp.minimum(kv_len, q_start + t + 1)
+    else:
+        n = jnp.broadcast_to(kv_len, (len(meta), tq))
+    return jnp.where(t < q_len, jnp.maximum(n, 0), 0)
+
+
+def _attend_reference(q, k, v, meta, *, causal, c, cfg):
+    """Plain-jnp two-level online softmax, invariant by construction (see the module docstring).
+
+    No dot and no XLA reduction over a summed axis: products are elementwise (behind an
+    optimization barrier, so no FMA can fuse them into the sums), sums are fixed pairwise trees,
+    blocks and splits run in sequential scans at absolute positions, and the softmax arithmetic
+    is the kernel's.
+    """
+    nb, tq, hq, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    group = hq // hkv
+    bk, split = cfg.block_k, cfg.split_size
+    n_splits = -(-tk // split)
+    per_split = split // bk
+    rows = tq * group
+    qf = exact_f32(q).reshape(nb, tq, hkv, group, d).transpose(0, 2, 1, 3, 4)
+    qf = qf.reshape(nb, hkv, rows, d)
+    n = jnp.repeat(_row_counts(meta, tq, causal), group, axis=1)[:, None, :]  # [B, 1, rows]
+    kv_ok = (jnp.arange(tk)[None, :] < meta[:, 2:3])[:, :, None, None]  # [B, Tk, 1, 1]
+
+    def blocks(x):  # [B, Tk, Hkv, D] -> [n_splits, per_split, B, Hkv, bk, D], zero past kv_len
+        x = jnp.where(kv_ok, exact_f32(x), 0.0)
+        x = jnp.pad(x, ((0, 0), (0, n_splits * split - tk), (0, 0), (0, 0)))
+        return x.reshape(nb, n_splits, per_split, bk, hkv, d).transpose(1, 2, 0, 4, 3, 5)
+
+    p_dtype = q.dtype
+
+    def block(state, xs):
+        k_blk, v_blk, k0 = xs  # [B, Hkv, bk, D] x2, scalar
+        prod = lax.optimization_barrier(qf[:, :, :, None, :] * k_blk[:, :, None, :, :])
+        s = _tree_sum(prod, -1) * c  # [B, Hkv, rows, bk]
+        keys = k0 + jnp.arange(bk, dtype=jnp.int32)
+        # Materialised, so ``s * c`` is rounded before ``s - m`` whatever XLA fuses (no FMA).
+        s = lax.optimization_barrier(jnp.where(keys < n[..., None], s, _NEG_INF))
+
+        def pv(p):  # [B, Hkv, rows, bk] -> [B, Hkv, rows, D]
+            p = exact_f32(p.astype(p_dtype))
+            return _tree_sum(lax.optimization_barrier(p[..., None] * v_blk[:, :, None]), -2)
+
+        return _online_step(state, s, k0 < n, pv, functools.partial(_tree_sum, axis=-1)), None
+
+    def split_step(state, xs):
+        k_s, v_s, j = xs
+        k0s = j * split + jnp.arange(per_split, dtype=jnp.int32) * bk
+        part, _ = lax.scan(block, _init_state(n.shape[:1] + (hkv, rows), d), (k_s, v_s, k0s))
+        return _fold(state, part, j * split < n), None
+
+    state, _ = lax.scan(
+        split_step,
+        _init_state((nb, hkv, rows), d),
+        (blocks(k), blocks(v), jnp.arange(n_splits, dtype=jnp.int32)),
+    )
+    out = _finalize(state).reshape(nb, hkv, tq, group, d).transpose(0, 2, 1, 3, 4)
+    return out.reshape(nb, tq, hq, d).astype(q.dtype)
+
+
+def _attend_xla(q, k, v, meta, *, causal, scale):
+    """XLA's default: einsum + jax.nn.softmax with a mask (promises nothing)."""
+    nb, tq, hq, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    group = hq // hkv
+    qg = q.reshape(nb, tq, hkv, group, d)
+    s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) * scale
+    n = _row_counts(meta, tq, causal)  # [B, Tq]
+    mask = (jnp.arange(tk)[None, None, :] < n[:, :, None])[:, None, None]  # [B, 1, 1, Tq, Tk]
+    p = jax.nn.softmax(jnp.where(mask, s, jnp.finfo(jnp.float32).min), axis=-1)
+    p = jnp.where(mask, p, 0.0).astype(v.dtype)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", p, v, preferred_element_type=jnp.float32)
+    return out.reshape(nb, tq, hq, d).astype(q.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "scale", "impl", "cfg", "interpret"))
+def _attend(q, k, v, meta, *, causal, scale, impl, cfg, interpret):
+    """The one core op; ``interpret`` only keys the jit cache (interpret vs GPU lowering)."""
+    del interpret
+    c = scale * _LOG2E  # scores in the log2 domain: exp2 everywhere
+    if impl == "pallas":
+        return _attend_pallas(q, k, v, meta, causal=causal, c=c, cfg=cfg)
+    if impl == "reference":
+        return _attend_reference(q, k, v, meta, causal=causal, c=c, cfg=cfg)
+    return _attend_xla(q, k, v, meta, causal=causal, scale=scale)
+
+
+# -------------------------------------------------------------------------------------- validation
+
+
+def _check_qkv(op: str, q, k, v, k_name: str, v_name: str):
+    names = ("q", k_name, v_name)
+    for name, x in zip(names, (q, k, v)):
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            raise TypeError(f"{op}: {name} must be an array, got {type(x).__name__}")
+        _checks.check_float(op, name, x)
+    shapes = f"q {tuple(q.shape)}, {k_name} {tuple(k.shape)}, {v_name} {tuple(v.shape)}"
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(
+            f"{op}: expected q [B, Tq, Hq, D] and {k_name}/{v_name} [B, Tk, Hkv, D] (rank 4), "
+            f"got {shapes}"
+        )
+    if tuple(k.shape) != tuple(v.shape):
+        raise ValueError(f"{op}: {k_name} and {v_name} must have the same shape, got {shapes}")
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"{op}: batch sizes differ (q has {q.shape[0]}, {k_name} has "
+                         f"{k.shape[0]}): {shapes}")
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(f"{op}: head dims differ (q has D={q.shape[3]}, {k_name} has "
+                         f"D={k.shape[3]}): {shapes}")
+    if q.shape[3] not in HEAD_DIMS:
+        raise ValueError(f"{op}: head dim D={q.shape[3]} is not supported (use one of "
+                         f"{HEAD_DIMS}): {shapes}")
+    if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
+        raise ValueError(
+            f"{op}: query heads Hq={q.shape[2]} must be a multiple of KV heads "
+            f"Hkv={k.shape[2]}: {shapes}"
+        )
+    dtype = jnp.dtype(jnp.result_type(q, k, v))
+    return q.astype(dtype), k.astype(dtype), v.astype(dtype), dtype
+
+
+def _concrete(x) -> np.ndarray | None:
+    """The values of ``x`` when known at trace time, else None."""
+    if isinstance(x, jax.core.Tracer):
+        return None
+    return np.asarray(x)
+
+
+def _check_lengths(op: str, name: str, x, batch: int, lo: int, hi: int | None, hint: str):
+    """Integer ``[B]`` array; static values (when known) must lie in ``[lo, hi]``."""
+    if not hasattr(x, "dtype"):
+        x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+        raise TypeError(f"{op}: {name} must be an integer array, got dtype {x.dtype} "
+                        f"(shape {tuple(x.shape)})")
+    _checks.check_shape(op, name, x, (batch,), f"one entry per batch row, B={batch}")
+    vals = _concrete(x)
+    if vals is not None and vals.size:
+        bad = (vals < lo) | (vals > hi) if hi is not None else vals < lo
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"{op}: {name}[{i}]={int(vals[i])} is out of range [{lo}, "
+                             f"{hi if hi is not None else 'inf'}] ({hint})")
+    return x.astype(jnp.int32)
+
+
+def _resolve(op: str, config, scale, d: int, dtype) -> tuple[AttentionConfig, float]:
+    if config is None:
+        config = attention_config(d, dtype)
+    elif not isinstance(config, AttentionConfig):
+        raise TypeError(f"{op}: config must be an AttentionConfig or None, got "
+                        f"{type(config).__name__}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    elif isinstance(scale, jax.core.Tracer):
+        raise TypeError(f"{op}: scale must be a static Python number, got a traced value")
+    try:
+        scale = float(scale)
+    except TypeError as e:
+        raise TypeError(f"{op}: scale must be a Python number, got {scale!r}") from e
+    if not math.isfinite(scale):
+        raise ValueError(f"{op}: scale={scale} must be finite")
+    return config, scale
+
+
+# -------------------------------------------------------------------------------------- public API
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    q_offset: jax.Array | None = None,
+    kv_lengths: jax.Array | None = None,
+    implementation: str | None = None,
+    config: AttentionConfig | None = None,
+) -> jax.Array:
+    """Batch-invariant (flash) attention: ``softmax(q k^T * scale + mask) v``.
+
+    Args:
+      q: ``[B, Tq, Hq, D]`` queries.
+      k, v: ``[B, Tk, Hkv, D]`` keys and values, ``Hq % Hkv == 0`` (GQA/MQA).
+      causal: query ``i`` sees keys ``<= its position``; the queries are the last ``Tq`` positions
+        (query ``i`` sits at ``Tk - Tq + i``, or ``q_offset[b] + i``). Queries whose position is
+        negative see no key and give zeros.
+      scale: static softmax scale (default ``1/sqrt(D)``).
+      q_offset: optional int ``[B]``, absolute position of query 0 of each row (causal only).
+      kv_lengths: optional int ``[B]``, valid keys per row (padded batches); keys at and past it are
+        never read into the result (they may hold anything, NaN included).
+      implementation: None (Pallas on GPU, reference elsewhere), "pallas", "reference" or "xla".
+      config: an ``AttentionConfig`` (default ``attention_config(D, dtype)``); its numerics fields
+        must match between calls whose bits you compare.
+
+    Returns:
+      ``[B, Tq, Hq, D]`` in the promoted input dtype; rows with no valid key are zeros.
+
+    Invariance: a token's output depends only on its own query, its row's keys/values up to its
+    ``n`` and the config: not on the batch, its position in the batch, ``Tk`` beyond ``n``, or how
+    the sequence was sliced into calls of ``attention``/``decode_attention`` (module docstring).
+    """
+    impl = be.resolve_implementation(implementation, "attention")
+    q, k, v, dtype = _check_qkv("attention", q, k, v, "k", "v")
+    nb, tq, _, d = q.shape
+    tk = k.shape[1]
+    cfg, scale = _resolve("attention", config, scale, d, dtype)
+    if kv_lengths is None:
+        kv_len = jnp.full((nb,), tk, jnp.int32)
+    else:
+        kv_len = _check_lengths("attention", "kv_lengths", kv_lengths, nb, 0, tk,
+                                f"k has Tk={tk} positions")
+    if q_offset is None:
+        q_start = jnp.full((nb,), tk - tq, jnp.int32)
+    else:
+        if not causal:
+            raise ValueError("attention: q_offset only applies to causal attention (causal=True)")
+        q_start = _check_lengths("attention", "q_offset", q_offset, nb, -(2**30), None,
+                                 "absolute position of query 0")
+    if nb == 0 or tq == 0 or tk == 0:
+        return jnp.zeros(q.shape, dtype)
+    meta = jnp.stack([q_start, jnp.full((nb,), tq, jnp.int32), kv_len], axis=1)
+    return _attend(q, k, v, meta, causal=bool(causal), scale=scale, impl=impl, cfg=cfg,
+                   interpret=be.interpret_mode())
+
+
+def decode_attention(
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    lengths: jax.Array,
+    *,
+    q_lengths: jax.Array | None = None,
+    scale: float | None = None,
+    implementation: str | None = None,
+    config: AttentionConfig | None = None,
+) -> jax.Array:
+    """Batch-invariant attention of new tokens over a KV cache (decode and chunked prefill).
+
+    Args:
+      q: ``[B, Tq, Hq, D]`` new tokens (``Tq = 1``: decode; ``Tq > 1``: a prefill chunk, causal
+        within it).
+      k_cache, v_cache: ``[B, S, Hkv, D]``, already holding the new tokens at their positions.
+      lengths: int ``[B]``, valid cache tokens of each row (``0 <= lengths <= S``); slots at and
+        past it are never read into the result.
+      q_lengths: optional int ``[B]``, valid new tokens of each row (``<= Tq`` and ``<= lengths``;
+        default ``Tq``): new token ``j`` of row ``b`` sits at ``lengths[b] - q_lengths[b] + j``, so
+        one batch mixes decoding rows (``q_lengths = 1``) and prefilling rows.
+      scale, implementation, config: as ``attention``.
+
+    Returns:
+      ``[B, Tq, Hq, D]``; padding query rows (``j >= q_lengths[b]``) and rows with ``lengths == 0``
+      are zeros.
+
+    Traced ``lengths``/``q_lengths`` cannot be range-checked: values past the ranges are clipped
+    (``lengths`` to ``[0, S]``, ``q_lengths`` to ``[0, Tq]``). Invariance: as ``attention``: a token
+    gives the same bits here as in a full ``attention`` prefill, for any cache capacity ``S``.
+    """
+    impl = be.resolve_implementation(implementation, "decode_attention")
+    q, k_cache, v_cache, dtype = _check_qkv("decode_attention", q, k_cache, v_cache, "k_cache",
+                                            "v_cache")
+    nb, tq, _, d = q.shape
+    cap = k_cache.shape[1]
+    cfg, scale = _resolve("decode_attention", config, scale, d, dtype)
+    kv_len = _check_lengths("decode_attention", "lengths", lengths, nb, 0, cap,
+                            f"the cache holds S={cap} slots")
+    if q_lengths is None:
+        q_len = jnp.full((nb,), tq, jnp.int32)
+    else:
+        q_len = _check_lengths("decode_attention", "q_lengths", q_lengths, nb, 0, tq,
+                               f"q has Tq={tq} tokens")
+        ql, kl = _concrete(q_len), _concrete(kv_len)
+        if ql is not None and kl is not None and (ql > kl).any():
+            i = int(np.argmax(ql > kl))
+            raise ValueError(f"decode_attention: q_lengths[{i}]={int(ql[i])} exceeds "
+                             f"lengths[{i}]={int(kl[i])} (the cache must hold the new tokens)")
+    if nb == 0 or tq == 0 or cap == 0:
+        return jnp.zeros(q.shape, dtype)
+    kv_len = jnp.clip(kv_len, 0, cap)
+    q_len = jnp.clip(q_len, 0, tq)
+    meta = jnp.stack([kv_len - q_len, q_len, kv_len], axis=1)
+    return _attend(q, k_cache, v_cache, meta, causal=True, scale=scale, impl=impl, cfg=cfg,
+                   interpret=be.interpret_mode())
+
+
+def attention_reference(q, k, v, *, causal=True, scale=None, q_offset=None, kv_lengths=None,
+                        config=None) -> jax.Array:
+    """The plain-jnp path of ``attention`` (invariant by construction on every backend)."""
+    return attention(q, k, v, causal=causal, scale=scale, q_offset=q_offset,
+                     kv_lengths=kv_lengths, implementation="reference", config=config)
+
+
+def decode_attention_reference(q, k_cache, v_cache, lengths, *, q_lengths=None, scale=None,
+                               config=None) -> jax.Array:
+    """The plain-jnp path of ``decode_attention`` (invariant by construction on every backend)."""
+    return decode_attention(q, k_cache, v_cache, lengths, q_lengths=q_lengths, scale=scale,
+                            implementation="reference", config=config)
