@@ -39,7 +39,49 @@ def run_matmul(key):
     return "matmul"
 
 
-CHECKS = {"bi_jax.matmul": run_matmul}
+def run_rows(key):
+    import bi_jax
+
+    for dtype in (jnp.bfloat16, jnp.float32):
+        for rows, n in ((1, 1000), (3, 4097), (5, 5120), (2, 40000), (130, 72)):
+            kx, kr, kw, key = jax.random.split(key, 4)
+            x, r = _randn(kx, (rows, n), dtype), _randn(kr, (rows, n), dtype)
+            w = _randn(kw, (n,), dtype)
+            outs = [
+                *bi_jax.rms_norm(x, w, residual=r, implementation="pallas"),
+                bi_jax.rms_norm(x, w, implementation="pallas"),
+                bi_jax.layer_norm(x, w, w, implementation="pallas"),
+                bi_jax.softmax(x, implementation="pallas"),
+                bi_jax.log_softmax(x, implementation="pallas"),
+                bi_jax.sum(x, implementation="pallas"),
+                bi_jax.mean(x, implementation="pallas"),
+            ]
+            for out in outs:
+                assert np.isfinite(np.asarray(out, np.float32)).all()
+    return "norms and reductions"
+
+
+def run_attention(key):
+    import bi_jax
+
+    for dtype in (jnp.bfloat16,):
+        for b, t, hq, hkv, d in ((1, 1, 4, 1, 64), (3, 77, 8, 2, 128), (2, 600, 4, 4, 64)):
+            kq, kk, kv, key = jax.random.split(key, 4)
+            q, k = _randn(kq, (b, t, hq, d), dtype), _randn(kk, (b, t, hkv, d), dtype)
+            v = _randn(kv, (b, t, hkv, d), dtype)
+            out = bi_jax.attention(q, k, v, implementation="pallas")
+            lengths = jnp.arange(b, dtype=jnp.int32) % t + 1
+            dec = bi_jax.decode_attention(q[:, -1:], k, v, lengths, implementation="pallas")
+            assert np.isfinite(np.asarray(out, np.float32)).all()
+            assert np.isfinite(np.asarray(dec, np.float32)).all()
+    return "attention and decode"
+
+
+CHECKS = {
+    "bi_jax.matmul": run_matmul,
+    "bi_jax.norm": run_rows,
+    "bi_jax.attention": run_attention,
+}
 
 
 def main() -> None:
