@@ -483,15 +483,3 @@ def test_gpu_chunked_prefill_and_decode_match_prefill(gpu_sequence):
         out = decode(q[None, i:i + 1], with_garbage(kc, [i + 1]), with_garbage(vc, [i + 1]),
                      jnp.array([i + 1]), jnp.array([1]))
         testing.assert_bitwise_equal(np.asarray(out)[0, 0], full[i], what=f"decode of token {i}")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("block_q", [32, 128])
-def test_gpu_block_q_probe(gpu_sequence, block_q):
-    """Probe (not a contract): is block_q bit-neutral on this GPU? Both paths use the same block_q,
-    so the contracts never depend on it; this tells whether it could be tuned per shape."""
-    q, k, v, full = gpu_sequence
-    cfg = dataclasses.replace(attention_config(GPU_D, jnp.bfloat16), block_q=block_q)
-    out = attention(q[None], k[None], v[None], implementation="pallas", config=cfg)
-    testing.assert_bitwise_equal(np.asarray(out)[0], full, what=f"block_q={block_q}")
-
