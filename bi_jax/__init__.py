@@ -5,7 +5,7 @@ machine without a GPU: the same kernels in Pallas interpret mode), "reference" (
 construction on every backend) or "xla" (XLA's default op, for comparison; promises nothing).
 """
 
-from bi_jax import testing, timing
+from bi_jax import parallel, testing, timing
 from bi_jax._backend import IMPLEMENTATIONS
 from bi_jax.attention import AttentionConfig, attention, decode_attention
 from bi_jax.matmul import MatmulConfig, dot_general, matmul
@@ -37,6 +37,7 @@ __all__ = [
     "matmul",
     "mean",
     "nn",
+    "parallel",
     "rms_norm",
     "softmax",
     "sum",
