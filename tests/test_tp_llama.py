@@ -7,19 +7,15 @@ the suite has initialised jax with one device), as tests/test_parallel.py: the w
 
 from __future__ import annotations
 
-import os
-import pathlib
-import subprocess
 import sys
-import traceback
 
 import jax
+import multidevice
 import numpy as np
 import pytest
 
 pytest.importorskip("flax")
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 NUM_DEVICES = 4
 
 # assert_batch_invariant options: every new batch size is a fresh compile, so few of them
@@ -110,64 +106,13 @@ CHECKS = {
 }
 
 
-def _worker() -> int:
-    failed = 0
-    if jax.device_count() != NUM_DEVICES:
-        print(f"FAIL device_count: {jax.device_count()} devices, expected {NUM_DEVICES}", flush=True)
-        return 1
-    for name, check in CHECKS.items():
-        try:
-            check()
-        except Exception as exc:  # report every check, then fail
-            failed += 1
-            detail = "".join(traceback.format_exception_only(exc)).strip().replace("\n", " | ")
-            print(f"FAIL {name}: {detail}", flush=True)
-            traceback.print_exc(file=sys.stderr)
-        else:
-            print(f"PASS {name}", flush=True)
-    return 1 if failed else 0
-
-
 # ------------------------------------------------------------------------------------ pytest side
 
-
-@pytest.fixture(scope="module")
-def worker_output():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={NUM_DEVICES}")
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    env.pop("BI_JAX_INTERPRET", None)
-    res = subprocess.run(
-        [sys.executable, str(pathlib.Path(__file__).resolve()), "worker"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
-    )
-    lines = {}
-    for line in res.stdout.splitlines():
-        status, _, rest = line.partition(" ")
-        if status in ("PASS", "FAIL"):
-            name, _, detail = rest.partition(":")
-            lines[name] = (status, detail.strip())
-    return res, lines
-
-
-@pytest.mark.parametrize("name", list(CHECKS))
-def test_tp_llama(worker_output, name):
-    res, lines = worker_output
-    if name not in lines:
-        pytest.fail(f"worker (rc={res.returncode}) reported nothing for {name}; stderr tail:\n"
-                    f"{res.stderr[-3000:]}")
-    status, detail = lines[name]
-    assert status == "PASS", f"{name}: {detail}"
-
-
-def test_worker_exit_code(worker_output):
-    res, lines = worker_output
-    assert res.returncode == 0, res.stderr[-3000:]
+worker_output, test_tp_llama, test_worker_exit_code = multidevice.make_tests(CHECKS, NUM_DEVICES, __file__)
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["worker"]:
-    sys.exit(_worker())
+    sys.exit(multidevice.run_checks(CHECKS, NUM_DEVICES))
 
 
 # ------------------------------------------------------------------------- on two or more GPUs
