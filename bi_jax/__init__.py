@@ -14,7 +14,9 @@ from bi_jax.reductions import RowConfig, log_softmax, mean, softmax, sum
 
 __version__ = "0.1.0"
 
-_LAZY = ("nn", "llama")  # need the flax extra: imported on first access (bi_jax.nn), not here
+# Need the flax extra: imported on first access (bi_jax.nn), not here, and left out of __all__ so
+# that ``from bi_jax import *`` works without flax.
+_LAZY = ("nn", "llama")
 
 
 def __getattr__(name: str):
@@ -23,6 +25,7 @@ def __getattr__(name: str):
 
         return importlib.import_module(f"bi_jax.{name}")
     raise AttributeError(f"module 'bi_jax' has no attribute {name!r}")
+
 
 __all__ = [
     "AttentionConfig",
@@ -36,7 +39,6 @@ __all__ = [
     "log_softmax",
     "matmul",
     "mean",
-    "nn",
     "parallel",
     "rms_norm",
     "softmax",

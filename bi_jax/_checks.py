@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import jax.numpy as jnp
-import numpy as np
 
 FLOAT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
@@ -44,6 +43,3 @@ def normalize_axis(op: str, axis: int, ndim: int) -> int:
         raise ValueError(f"{op}: axis {axis} is out of range for an array of rank {ndim}")
     return axis % ndim
 
-
-def row_count(shape: tuple[int, ...]) -> int:
-    return int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1

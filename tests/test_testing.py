@@ -92,3 +92,11 @@ def test_assert_close_and_nonfinite():
         > testing.tolerance(jnp.float16)
         > testing.tolerance(jnp.float32)
     )
+
+
+def test_ulp_distance_keeps_shape():
+    a = np.float32(1.0)
+    b = np.nextafter(a, np.float32(2))
+    assert testing.ulp_distance(a, b).shape == ()
+    assert int(testing.ulp_distance(a, b)) == 1
+    assert testing.ulp_distance(np.ones((2, 3), np.float32), np.ones((2, 3), np.float32)).shape == (2, 3)
