@@ -272,14 +272,13 @@ def exact_f32(x: jax.Array) -> jax.Array:
 
     XLA may keep excess precision across a ``bf16 -> f32`` convert pair inside a fusion
     (``xla_allow_excess_precision``), and which converts it elides depends on the fusion, hence on
-    the shape. ``reduce_precision`` pins the rounding, so the reference paths see the same values
-    whatever the batch. A no-op for fp32 inputs.
+    the shape. An optimization barrier on the 16-bit value makes it exist as rounded 16-bit data, so
+    the reference paths see the same values whatever the batch. (``lax.reduce_precision`` would also
+    pin the rounding but flushes float16 subnormals to zero.) A plain convert for fp32 inputs.
     """
-    x32 = x.astype(_F32)
     if x.dtype in (jnp.bfloat16, jnp.float16):
-        info = jnp.finfo(x.dtype)
-        x32 = lax.reduce_precision(x32, exponent_bits=info.nexp, mantissa_bits=info.nmant)
-    return x32
+        x = lax.optimization_barrier(x)
+    return x.astype(_F32)
 
 
 def pad_lanes(x: jax.Array, fill: float) -> jax.Array:

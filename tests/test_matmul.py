@@ -375,7 +375,7 @@ def test_gpu_every_config_same_bits(dtype, kn):
 def test_chained_bf16_ops_stay_invariant_under_fusion(impl):
     """A SwiGLU of three matmuls in bf16 under one jit: XLA may keep excess precision across the
     bf16 roundings between ops, depending on the fusion (hence on the shape); the reference pins
-    every rounding with reduce_precision, so rows still match bitwise."""
+    every rounding (exact_f32), so rows still match bitwise."""
     x = randn((4, 8, 64), jnp.bfloat16)
     wg, wu = randn((64, 96), jnp.bfloat16, scale=0.125), randn((64, 96), jnp.bfloat16, scale=0.125)
     wd = randn((96, 64), jnp.bfloat16, scale=0.1)

@@ -398,3 +398,14 @@ def test_gpu_accuracy_large(n, dtype):
     testing.assert_close(
         np.asarray(bi_jax.sum(x + 0.5, dtype=jnp.float32, implementation="pallas"))[rows],
         f64((x + 0.5)[rows]).sum(-1), dtype=jnp.float32)
+
+
+def test_exact_f32_keeps_subnormals_and_values():
+    """The reference upcast is value-preserving, float16 subnormals included."""
+    from bi_jax.reductions import exact_f32
+
+    for dtype in (jnp.float16, jnp.bfloat16):
+        tiny = jnp.finfo(dtype).smallest_subnormal
+        x = jnp.concatenate([jnp.array([tiny, 3 * tiny, -tiny], dtype), randn((61,), dtype)])
+        for f in (exact_f32, jax.jit(exact_f32)):
+            np.testing.assert_array_equal(np.asarray(f(x)), np.asarray(x, np.float32))
