@@ -37,7 +37,7 @@ import numpy as np
 
 from bi_jax import timing
 
-TOKENS = (1, 8, 32, 128, 256, 512, 1024, 2048, 4096, 8192)
+TOKENS = tuple(2**i for i in range(14))  # 1, 2, 4, ..., 8192
 QUICK_TOKENS = (1, 8, 32)
 
 LABELS = {

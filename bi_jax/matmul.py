@@ -12,15 +12,19 @@ inputs ``precision`` follows XLA on GPU: DEFAULT and HIGH mean TF32 products, HI
 float32 products.
 
 Invariance:
-  Every output element is one fp32 accumulator that runs over K in ascending blocks of a fixed
-  ``block_k`` inside a single program (no split-K, no stream-K, no atomics); the bias is added in fp32
-  and the result is rounded once. The accumulation order therefore depends on K alone, never on M or
-  on the other rows, so row ``i`` of the output has the same bits for any batch. The M/N tile, warps
-  and stages follow M (``matmul_config``): on the GPU, Triton chains the per-block MMAs into one
+  Every output element is a fixed two-level fp32 sum over K: K is cut into chunks of a constant
+  ``k_chunk_size`` (8192) elements; inside a chunk one fresh accumulator runs over ascending
+  ``block_k`` blocks (chained MMAs), and the chunk partials join a running total in ascending order,
+  ``((0 + p0) + p1) + ...``; the bias is added in fp32 and the result is rounded once. The order
+  depends on K alone, never on M or on the other rows, so row ``i`` of the output has the same bits
+  for any batch (no atomics, no data-dependent split). What follows M (``matmul_config``) is only
+  how the work is launched: the M/N tile, warps and stages, and whether each chunk partial gets its
+  own program (``split_k``, for small M and K > 8192, summed in the same order by a second kernel)
+  or one program walks all chunks of its tile. On the GPU, Triton chains the per-block MMAs into one
   accumulator whatever the tile, and ``tests/test_matmul.py`` proves bitwise equality across every
-  config the policy can choose. The reference path multiplies and adds elementwise in a fixed
-  sequential K order, so it is invariant by construction on every backend, the CPU included (XLA's own
-  ``jnp.dot`` is not, even on the CPU).
+  config the policy can choose, in both launch modes. The reference path multiplies and adds
+  elementwise in a fixed sequential K order, so it is invariant by construction on every backend,
+  the CPU included (XLA's own ``jnp.dot`` is not, even on the CPU).
 
 Gradients: a custom VJP computes ``d lhs = g @ rhs^T`` and ``d rhs = lhs^T @ g`` with the same
 implementation as the forward pass (so ``d lhs`` is batch-invariant too; ``d rhs`` sums over the
@@ -51,8 +55,9 @@ class MatmulConfig:
     """Tile shape and launch parameters of the Pallas matmul kernel.
 
     ``block_k`` is part of the numerics only if the compiler does not chain the per-block MMAs into
-    one accumulator; we keep it fixed per dtype (``_BLOCK_K``) anyway. ``block_m``, ``block_n``,
-    ``num_warps`` and ``num_stages`` are free (proven bit-neutral by the cross-config test).
+    one accumulator; we keep it fixed per dtype (``_BLOCK_K``) anyway, and it must divide the K
+    chunk. ``block_m``, ``block_n``, ``num_warps``, ``num_stages``, ``group_m`` and ``split_k`` are
+    free (proven bit-neutral by the cross-config test).
     """
 
     block_m: int
@@ -61,6 +66,7 @@ class MatmulConfig:
     num_warps: int = 4
     num_stages: int = 3
     group_m: int = 8  # programs along M that share a band of B columns (L2 reuse); no numerics
+    split_k: bool = False  # one program per (tile, K chunk) + an ordered sum kernel; no numerics
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_k"):
@@ -70,41 +76,75 @@ class MatmulConfig:
 
 
 _BLOCK_K = {jnp.dtype(jnp.bfloat16): 64, jnp.dtype(jnp.float16): 64, jnp.dtype(jnp.float32): 32}
+_K_CHUNK = 8192  # K elements per chunk partial, for every dtype, every M and every config
+
+
+def k_chunk_size(k: int, dtype: Any) -> int:
+    """K elements summed into one fresh fp32 partial before it joins the running total.
+
+    Part of the numerics: it depends on nothing (a constant), so the K order of every output
+    element is the same for any M, any tile and either launch mode (``MatmulConfig.split_k``).
+    """
+    del k, dtype
+    return _K_CHUNK
 
 
 def matmul_config(m: int, n: int, k: int, dtype: Any) -> MatmulConfig:
-    """The tile policy: follows M and N (bit-neutral), with ``block_k`` fixed per dtype.
+    """The tile policy: follows M, N and K (bit-neutral), with ``block_k`` fixed per dtype.
 
-    Tuned on an H100 (bf16, Llama-3-8B projection shapes; scratch sweep of 15 configs per point, all
-    of which gave identical bits): narrow N tiles for small M so enough programs stream the weights,
-    128x256 tiles with 8 warps once M fills the machine.
+    Tuned on an H100 (bf16, Llama-3-8B projection shapes, every candidate bitwise equal): narrow
+    tiles with deep pipelines while the weights dominate; one program per (tile, K chunk)
+    (``split_k``) when K has several chunks and M is too small to fill the machine with tiles;
+    128x256 tiles with 8 warps once M fills it.
     """
-    del k
     dtype = jnp.dtype(dtype)
     bk = _BLOCK_K[dtype]
     wide = n > 8192
+    chunked = k > k_chunk_size(k, dtype)
     if dtype == jnp.float32:
         if m <= 16:
-            return MatmulConfig(16, 64, bk, num_warps=4, num_stages=4)
+            return MatmulConfig(16, 64, bk, num_warps=4, num_stages=4, split_k=chunked)
         if m <= 64:
-            return MatmulConfig(64, 64, bk, num_warps=4, num_stages=4)
+            return MatmulConfig(64, 64, bk, num_warps=4, num_stages=4, split_k=chunked)
         return MatmulConfig(128, 64, bk, num_warps=4, num_stages=3)
-    if m <= 16:
-        return MatmulConfig(16, 128 if wide else 32, bk, num_warps=4, num_stages=4)
-    if m <= 64:
-        if wide:
+    if chunked and m <= 512:
+        if m <= 32:
+            return MatmulConfig(16, 64, bk, num_warps=4, num_stages=8, split_k=True)
+        if m <= 128:
+            return MatmulConfig(64, 64, bk, num_warps=4, num_stages=4, split_k=True)
+        if m <= 256:
+            return MatmulConfig(128, 128, bk, num_warps=4, num_stages=4, split_k=True)
+        return MatmulConfig(128, 128, bk, num_warps=8, num_stages=3, split_k=True)
+    if wide:
+        if m <= 16:
+            return MatmulConfig(16, 128, bk, num_warps=4, num_stages=4)
+        if m <= 64:
             return MatmulConfig(64, 128, bk, num_warps=4, num_stages=4)
+        if m <= 128:
+            return MatmulConfig(128, 128, bk, num_warps=8, num_stages=3)
+        return MatmulConfig(128, 256, bk, num_warps=8, num_stages=4)
+    if m <= 32:
+        return MatmulConfig(16, 64, bk, num_warps=4, num_stages=8)
+    if m <= 64 and n <= 4096:
         return MatmulConfig(16, 64, bk, num_warps=4, num_stages=6)
-    if m <= 512 and not wide:
+    if m <= 128:
+        return MatmulConfig(64, 64, bk, num_warps=4, num_stages=4)
+    if m <= 256:
+        return MatmulConfig(64, 128, bk, num_warps=4, num_stages=4)
+    if m <= 512:
         return MatmulConfig(128, 128, bk, num_warps=4, num_stages=4)
-    return MatmulConfig(128, 256, bk, num_warps=8, num_stages=4)
+    return MatmulConfig(128, 256, bk, num_warps=8, num_stages=3)
 
 
 def shipped_configs(dtype: Any) -> tuple[MatmulConfig, ...]:
     """Every config ``matmul_config`` can choose for ``dtype`` (for the cross-config tests)."""
+    ms = (1, 32, 64, 128, 256, 512, 4096)
     return tuple(
         dict.fromkeys(
-            matmul_config(m, n, 4096, dtype) for n in (4096, 28672) for m in (1, 32, 64, 256, 4096)
+            matmul_config(m, n, k, dtype)
+            for k in (4096, 14336)
+            for n in (4096, 6144, 28672)
+            for m in ms
         )
     )
 
@@ -112,28 +152,29 @@ def shipped_configs(dtype: Any) -> tuple[MatmulConfig, ...]:
 # ------------------------------------------------------------------------------------------ kernel
 
 
-def _matmul_kernel(
-    a_ref, b_ref, *rest, m, n, k, has_bias, precision, block_m, block_n, block_k, group_m
-):
-    """One program computes a ``[block_m, block_n]`` tile of one batch element, all of K."""
-    bias_ref, o_ref = (rest[0], rest[1]) if has_bias else (None, rest[0])
-    batch = be.program_id(0)
-    # Grouped ordering of the (M, N) tiles: consecutive programs reuse the same B columns from L2.
-    pid = be.program_id(1)
+def _tile_coords(pid, m, n, block_m, block_n, group_m):
+    """Grouped ordering of the (M, N) tiles: consecutive programs reuse the same B columns (L2)."""
     num_m, num_n = be.cdiv(m, block_m), be.cdiv(n, block_n)
     width = group_m * num_n
     first_m = (pid // width) * group_m
     rows_in_group = jnp.minimum(num_m - first_m, group_m)
-    pid_m = first_m + (pid % width) % rows_in_group
-    pid_n = (pid % width) // rows_in_group
+    return first_m + (pid % width) % rows_in_group, (pid % width) // rows_in_group
 
+
+def _chunk_partial(a_ref, b_ref, batch, pid_m, pid_n, chunk, *, m, n, k, precision, block_m,
+                   block_n, block_k, k_chunk):
+    """fp32 ``[block_m, block_n]`` sum over K chunk ``chunk``: a fresh accumulator, chained MMAs
+    over the chunk's ``block_k`` blocks in ascending order (the same code in both launch modes)."""
     rows = pid_m * block_m + jnp.arange(block_m)
     cols = pid_n * block_n + jnp.arange(block_n)
     row_ok, col_ok = rows < m, cols < n
+    per_chunk = k_chunk // block_k
+    first = chunk * per_chunk
+    count = jnp.minimum(per_chunk, be.cdiv(k, block_k) - first)
 
-    def body(kb, acc):
-        ks = kb * block_k + jnp.arange(block_k)
-        k_ok = ks < k
+    def body(j, acc):
+        kb = first + j
+        k_ok = kb * block_k + jnp.arange(block_k) < k
         a = be.load(  # [block_m, block_k]
             a_ref.at[batch, be.ds(pid_m * block_m, block_m), be.ds(kb * block_k, block_k)],
             mask=row_ok[:, None] & k_ok[None, :],
@@ -146,15 +187,77 @@ def _matmul_kernel(
         )
         return acc + jnp.dot(a, b, preferred_element_type=jnp.float32, precision=precision)
 
-    acc = lax.fori_loop(0, be.cdiv(k, block_k), body, jnp.zeros((block_m, block_n), jnp.float32))
+    return lax.fori_loop(0, count, body, jnp.zeros((block_m, block_n), jnp.float32))
+
+
+def _finish(total, bias_ref, o_ref, batch, row0, col0, rows_n, cols_n, m, n):
+    """Add the bias in fp32, round once, store the ``[rows_n, cols_n]`` tile at (row0, col0)."""
+    rows = row0 + jnp.arange(rows_n)
+    cols = col0 + jnp.arange(cols_n)
+    col_ok = cols < n
     if bias_ref is not None:
-        bias = be.load(bias_ref.at[be.ds(pid_n * block_n, block_n)], mask=col_ok, other=0.0)
-        acc = acc + bias.astype(jnp.float32)[None, :]
-    be.store(  # [block_m, block_n]
-        o_ref.at[batch, be.ds(pid_m * block_m, block_m), be.ds(pid_n * block_n, block_n)],
-        acc.astype(o_ref.dtype),
-        mask=row_ok[:, None] & col_ok[None, :],
+        bias = be.load(bias_ref.at[be.ds(col0, cols_n)], mask=col_ok, other=0.0)
+        total = total + bias.astype(jnp.float32)[None, :]
+    be.store(
+        o_ref.at[batch, be.ds(row0, rows_n), be.ds(col0, cols_n)],
+        total.astype(o_ref.dtype),
+        mask=(rows < m)[:, None] & col_ok[None, :],
     )
+
+
+def _fused_kernel(a_ref, b_ref, *rest, m, n, k, has_bias, precision, block_m, block_n, block_k,
+                  group_m, k_chunk):
+    """One program owns a ``[block_m, block_n]`` tile and all of K: ``((p0 + p1) + p2) + ...``."""
+    bias_ref, o_ref = (rest[0], rest[1]) if has_bias else (None, rest[0])
+    batch = be.program_id(0)
+    pid_m, pid_n = _tile_coords(be.program_id(1), m, n, block_m, block_n, group_m)
+    partial = functools.partial(
+        _chunk_partial, a_ref, b_ref, batch, pid_m, pid_n, m=m, n=n, k=k, precision=precision,
+        block_m=block_m, block_n=block_n, block_k=block_k, k_chunk=k_chunk,
+    )
+    # Written as one loop over the chunks from a zero total: unrolling it, or peeling chunk 0,
+    # makes Triton spill the 128x256 accumulators (3-9x slower on an H100).
+    total = lax.fori_loop(
+        0, be.cdiv(k, k_chunk), lambda c, t: t + partial(c), jnp.zeros((block_m, block_n), jnp.float32)
+    )
+    _finish(total, bias_ref, o_ref, batch, pid_m * block_m, pid_n * block_n, block_m, block_n, m, n)
+
+
+def _split_kernel(a_ref, b_ref, p_ref, *, m, n, k, precision, block_m, block_n, block_k, group_m,
+                  k_chunk):
+    """Program (batch, tile, chunk) writes the fp32 partial of one K chunk to ``p_ref``."""
+    batch, chunk = be.program_id(0), be.program_id(2)
+    pid_m, pid_n = _tile_coords(be.program_id(1), m, n, block_m, block_n, group_m)
+    part = _chunk_partial(
+        a_ref, b_ref, batch, pid_m, pid_n, chunk, m=m, n=n, k=k, precision=precision,
+        block_m=block_m, block_n=block_n, block_k=block_k, k_chunk=k_chunk,
+    )
+    rows = pid_m * block_m + jnp.arange(block_m)
+    cols = pid_n * block_n + jnp.arange(block_n)
+    be.store(  # [block_m, block_n]
+        p_ref.at[chunk, batch, be.ds(pid_m * block_m, block_m), be.ds(pid_n * block_n, block_n)],
+        part,
+        mask=(rows < m)[:, None] & (cols < n)[None, :],
+    )
+
+
+_SUM_ROWS, _SUM_COLS = 16, 256  # tile of the partial-sum kernel (no numerics)
+
+
+def _sum_kernel(p_ref, *rest, m, n, chunks, has_bias):
+    """Sum the K-chunk partials of one tile in ascending chunk order, as ``_fused_kernel`` does."""
+    bias_ref, o_ref = (rest[0], rest[1]) if has_bias else (None, rest[0])
+    batch = be.program_id(0)
+    row0, col0 = be.program_id(1) * _SUM_ROWS, be.program_id(2) * _SUM_COLS
+    mask = ((row0 + jnp.arange(_SUM_ROWS)) < m)[:, None] & ((col0 + jnp.arange(_SUM_COLS)) < n)[None, :]
+
+    def part(c):
+        return be.load(
+            p_ref.at[c, batch, be.ds(row0, _SUM_ROWS), be.ds(col0, _SUM_COLS)], mask=mask, other=0.0
+        )
+
+    total = lax.fori_loop(0, chunks, lambda c, t: t + part(c), jnp.zeros(mask.shape, jnp.float32))
+    _finish(total, bias_ref, o_ref, batch, row0, col0, _SUM_ROWS, _SUM_COLS, m, n)
 
 
 def _bmm_pallas(a, b, bias, *, out_dtype, precision, config):
@@ -162,28 +265,39 @@ def _bmm_pallas(a, b, bias, *, out_dtype, precision, config):
     nb, m, k = a.shape
     n = b.shape[2]
     cfg = config or matmul_config(m, n, k, a.dtype)
-    kernel = functools.partial(
-        _matmul_kernel,
-        m=m,
-        n=n,
-        k=k,
-        has_bias=bias is not None,
-        precision=precision,
-        block_m=cfg.block_m,
-        block_n=cfg.block_n,
-        block_k=cfg.block_k,
-        group_m=cfg.group_m,
-    )
-    grid = (nb, be.cdiv(m, cfg.block_m) * be.cdiv(n, cfg.block_n))
-    call = be.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((nb, m, n), out_dtype),
-        grid=grid,
+    k_chunk = k_chunk_size(k, a.dtype)
+    if k_chunk % cfg.block_k:
+        raise ValueError(f"matmul: block_k={cfg.block_k} must divide the K chunk {k_chunk}")
+    chunks = be.cdiv(k, k_chunk)
+    params = dict(m=m, n=n, k=k, precision=precision, block_m=cfg.block_m, block_n=cfg.block_n,
+                  block_k=cfg.block_k, group_m=cfg.group_m, k_chunk=k_chunk)
+    tiles = be.cdiv(m, cfg.block_m) * be.cdiv(n, cfg.block_n)
+    operands = (a, b) if bias is None else (a, b, bias)
+    if not cfg.split_k or chunks == 1:
+        return be.pallas_call(
+            functools.partial(_fused_kernel, has_bias=bias is not None, **params),
+            out_shape=jax.ShapeDtypeStruct((nb, m, n), out_dtype),
+            grid=(nb, tiles),
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+            name="bi_jax_matmul",
+        )(*operands)
+    partials = be.pallas_call(
+        functools.partial(_split_kernel, **params),
+        out_shape=jax.ShapeDtypeStruct((chunks, nb, m, n), jnp.float32),
+        grid=(nb, tiles, chunks),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
-        name="bi_jax_matmul",
-    )
-    return call(a, b) if bias is None else call(a, b, bias)
+        name="bi_jax_matmul_split_k",
+    )(a, b)
+    return be.pallas_call(
+        functools.partial(_sum_kernel, m=m, n=n, chunks=chunks, has_bias=bias is not None),
+        out_shape=jax.ShapeDtypeStruct((nb, m, n), out_dtype),
+        grid=(nb, be.cdiv(m, _SUM_ROWS), be.cdiv(n, _SUM_COLS)),
+        num_warps=4,
+        num_stages=1,
+        name="bi_jax_matmul_split_k_sum",
+    )(partials, *(() if bias is None else (bias,)))
 
 
 # --------------------------------------------------------------------------------------- reference

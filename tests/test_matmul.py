@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,16 @@ import bi_jax
 from bi_jax import _backend as be
 from bi_jax import testing
 from bi_jax.matmul import MatmulConfig, matmul_config, shipped_configs
+
+_mm = sys.modules["bi_jax.matmul"]  # the module (bi_jax.matmul the attribute is the function)
+
+
+@pytest.fixture(params=[None, 64], ids=["chunk-default", "chunk-64"])
+def k_chunk(request, monkeypatch):
+    """Run a test with the shipped K chunk and with a 64-element one (small K, several chunks)."""
+    if request.param is not None:
+        monkeypatch.setattr(_mm, "_K_CHUNK", request.param)
+    return _mm.k_chunk_size(0, jnp.bfloat16)
 
 DTYPES = [jnp.bfloat16, jnp.float16, jnp.float32]
 INVARIANT_IMPLS = ["pallas", "reference"]
@@ -89,29 +100,31 @@ def test_nonfinite_rows_propagate_and_stay_local(impl):
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 @pytest.mark.parametrize("impl", INVARIANT_IMPLS)
-def test_batch_invariant(dtype, impl):
+def test_batch_invariant(dtype, impl, k_chunk):
     a, b, bias = randn((300, 96), dtype), randn((96, 72), dtype), randn((72,), dtype)
     fn = jax.jit(functools.partial(bi_jax.matmul, b=b, bias=bias, implementation=impl))
     testing.assert_batch_invariant(lambda x: fn(x), a)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_every_shipped_config_gives_the_same_bits(dtype):
-    """The tile policy may follow M only because every config it can pick gives the same bits."""
-    a, b = randn((150, 300), dtype), randn((300, 200), dtype)
+def test_every_shipped_config_gives_the_same_bits(dtype, k_chunk):
+    """The tile policy may follow M only because every config it can pick gives the same bits,
+    in both launch modes (one program per tile, or per tile and K chunk + an ordered sum)."""
+    a, b, bias = randn((150, 300), dtype), randn((300, 200), dtype), randn((200,), dtype)
     configs = shipped_configs(dtype)
-    assert len(configs) >= 3
-    outs = [bi_jax.matmul(a, b, implementation="pallas", config=c) for c in configs]
+    assert len(configs) >= 3 and {c.split_k for c in configs} == {False, True}
+    outs = [bi_jax.matmul(a, b, bias=bias, implementation="pallas", config=c) for c in configs]
     for c, o in zip(configs[1:], outs[1:]):
-        testing.assert_bitwise_equal(o, outs[0], what=f"{c} vs {configs[0]}")
+        testing.assert_bitwise_equal(o, outs[0], what=f"{c} vs {configs[0]} (K chunk {k_chunk})")
+    testing.assert_close(outs[0], f64(a) @ f64(b) + f64(bias), dtype=dtype)
 
 
 def test_policy_keeps_block_k_fixed():
     for dtype in DTYPES:
         assert len({c.block_k for c in shipped_configs(dtype)}) == 1
-        assert {matmul_config(m, 4096, 4096, dtype) for m in range(1, 300)} <= set(
-            shipped_configs(dtype)
-        )
+        chosen = {matmul_config(m, n, k, dtype) for m in range(1, 600) for n, k in
+                  ((4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336))}
+        assert chosen <= set(shipped_configs(dtype))
 
 
 @settings(max_examples=12, deadline=None)
@@ -298,6 +311,9 @@ def test_unknown_implementation_lists_valid_names():
 def test_bad_config():
     with pytest.raises(ValueError, match="power of two"):
         MatmulConfig(48, 64, 64)
+    a, b = randn((4, 64), jnp.bfloat16), randn((64, 8), jnp.bfloat16)
+    with pytest.raises(ValueError, match="block_k=16384 must divide the K chunk"):
+        bi_jax.matmul(a, b, implementation="pallas", config=MatmulConfig(16, 16, 16384))
 
 
 def test_errors_raise_at_trace_time():
@@ -323,6 +339,20 @@ def test_every_config_lowers_for_cuda(dtype):
         )
         exported = be.export_for_cuda(fn, a, b, bias)
         assert be.triton_kernel_count(exported) == 1, cfg
+
+
+def test_split_k_lowers_for_cuda(monkeypatch):
+    """Several K chunks: the split launch is two kernels (partials, ordered sum), fused is one."""
+    monkeypatch.setattr(_mm, "_K_CHUNK", 64)
+    a = jax.ShapeDtypeStruct((37, 200), jnp.bfloat16)
+    b = jax.ShapeDtypeStruct((200, 70), jnp.bfloat16)
+    bias = jax.ShapeDtypeStruct((70,), jnp.float32)
+    for split, kernels in ((True, 2), (False, 1)):
+        cfg = MatmulConfig(16, 64, 64, split_k=split)
+        fn = lambda a, b, bias, cfg=cfg: bi_jax.matmul(
+            a, b, bias=bias, implementation="pallas", config=cfg
+        )
+        assert be.triton_kernel_count(be.export_for_cuda(fn, a, b, bias)) == kernels, cfg
 
 
 def test_dot_general_and_grad_lower_for_cuda():
