@@ -17,11 +17,13 @@ Invariance:
   ascending blocks of a fixed ``block`` (``RowConfig``). Rows up to ``MAX_SINGLE_BLOCK`` elements
   are one block: loaded once, reduced and written from registers. Longer rows (LLM vocabularies)
   take several blocks in a fixed order: ``sum``/``mean`` add the blocks lane by lane into one fp32
-  block accumulator and reduce it once at the end; ``softmax`` keeps an online (max, sum) pair per
-  row, updated block by block, then writes the outputs in a second pass. The config (block, rows
-  per program, warps) is a function of ``n`` and the dtype only (``row_config``), never of the row
-  count, and no row ever shares a reduction with another, so row ``i`` of the output has the same
-  bits whatever the other rows and the number of rows. The block and the warp count *are* part of
+  block accumulator and reduce it once at the end. ``softmax``/``log_softmax`` cut longer rows into
+  ``SPLIT_BLOCK`` pieces, one program per (row, piece) at every row count (so a single row of a
+  128k vocabulary still fills the GPU): a first kernel writes each piece's (max, sum of exp), a
+  second combines the row's pieces with one fixed tree and writes its piece. The config (block,
+  rows per program, warps) is a function of ``n`` and the dtype only (``row_config``,
+  ``softmax_config``), never of the row count, and no row ever shares a reduction with another, so
+  row ``i`` of the output has the same bits whatever the other rows and the number of rows. The block and the warp count *are* part of
   the numerics (they fix the reduction tree), which is why they may not follow the row count.
 
   The reference path (``fixed_order_reduce``) pads the reduced axis with the reduction's identity to
@@ -69,6 +71,7 @@ __all__ = [
     "row_config",
     "shipped_configs",
     "softmax",
+    "softmax_config",
     "softmax_reference",
     "sum",
     "sum_reference",
@@ -80,6 +83,7 @@ _NEG_INF = float("-inf")
 # ------------------------------------------------------------------------------------------ config
 
 MAX_SINGLE_BLOCK = 16384  # rows up to this length are one block, held in registers
+SPLIT_BLOCK = 2048  # softmax of longer rows: elements per (row, block) program, any dtype
 _MIN_BLOCK = 16
 _TILE_ELEMENTS = 1024  # short rows: programs take several rows, at least this many elements
 _LONG_BLOCK = {jnp.dtype(jnp.bfloat16): 8192, jnp.dtype(jnp.float16): 8192,
@@ -185,39 +189,44 @@ def _softmax_kernel(x_ref, o_ref, *, rows, n, block_rows, block, log):
     tile = functools.partial(load_tile, rows=rows, n=n, block_rows=block_rows, block=block,
                              other=_NEG_INF)
     put = functools.partial(store_tile, o_ref, r0, block_rows=block_rows, block=block)
-    num_blocks = -(-n // block)
+    assert n <= block, "longer rows take the (row, block) kernels"
+    x, mask = tile(x_ref, r0, 0)  # [block_rows, block]: the whole row in registers
+    x = x.astype(_F32)
+    z = x - _shift_of(jnp.max(x, axis=1, keepdims=True))
+    e = jnp.exp(z)
+    s = jnp.sum(e, axis=1, keepdims=True)  # [block_rows, 1]
+    put(0, z - jnp.log(s) if log else e / s, mask)
 
-    def shift_of(m):  # exp(x - shift) with shift 0 for rows (so far) of only -inf: no inf - inf
-        return jnp.where(m == _NEG_INF, 0.0, m)
 
-    if num_blocks == 1:  # the whole row in registers: one read, one write
-        x, mask = tile(x_ref, r0, 0)  # [block_rows, block]
-        x = x.astype(_F32)
-        z = x - shift_of(jnp.max(x, axis=1, keepdims=True))
-        e = jnp.exp(z)
-        s = jnp.sum(e, axis=1, keepdims=True)  # [block_rows, 1]
-        put(0, z - jnp.log(s) if log else e / s, mask)
-        return
+def _shift_of(m):
+    """exp(x - shift) with shift 0 where the max is -inf (rows or blocks of only -inf): no inf - inf."""
+    return jnp.where(m == _NEG_INF, 0.0, m)
 
-    def stats(i, carry):  # online (max, sum of exp) over blocks in ascending order
-        m, s = carry  # [block_rows, 1] each
-        x = tile(x_ref, r0, i * block)[0].astype(_F32)
-        m_new = jnp.maximum(m, jnp.max(x, axis=1, keepdims=True))
-        shift = shift_of(m_new)
-        s = s * jnp.exp(m - shift) + jnp.sum(jnp.exp(x - shift), axis=1, keepdims=True)
-        return m_new, s
 
-    init = (jnp.full((block_rows, 1), _NEG_INF, _F32), jnp.zeros((block_rows, 1), _F32))
-    m, s = lax.fori_loop(0, num_blocks, stats, init)
-    shift, log_s = shift_of(m), jnp.log(s)
+def _block_stats_kernel(x_ref, m_ref, s_ref, *, n, block):
+    """Program (row, j): max and sum of exp(x - max) of block j of the row (``[1, block]``)."""
+    row, j = be.program_id(0), be.program_id(1)
+    x = load_tile(x_ref, row, j * block, rows=row + 1, n=n, block_rows=1, block=block,
+                  other=_NEG_INF)[0].astype(_F32)
+    m = jnp.max(x, axis=1, keepdims=True)  # [1, 1]
+    s = jnp.sum(jnp.exp(x - _shift_of(m)), axis=1, keepdims=True)
+    be.store(m_ref.at[be.ds(row, 1), be.ds(j, 1)], m)
+    be.store(s_ref.at[be.ds(row, 1), be.ds(j, 1)], s)
 
-    def write(i, carry):
-        x, mask = tile(x_ref, r0, i * block)
-        z = x.astype(_F32) - shift
-        put(i * block, z - log_s if log else jnp.exp(z) / s, mask)
-        return carry
 
-    lax.fori_loop(0, num_blocks, write, 0)
+def _block_write_kernel(x_ref, m_ref, s_ref, o_ref, *, n, block, num_blocks, stats_len, log):
+    """Program (row, j): combine the row's block stats (fixed tree), write block j of the output."""
+    row, j = be.program_id(0), be.program_id(1)
+    ok = (jnp.arange(stats_len) < num_blocks)[None, :]
+    mb = be.load(m_ref.at[be.ds(row, 1), be.ds(0, stats_len)], mask=ok, other=_NEG_INF)
+    sb = be.load(s_ref.at[be.ds(row, 1), be.ds(0, stats_len)], mask=ok, other=0.0)
+    shift = _shift_of(jnp.max(mb, axis=1, keepdims=True))  # [1, 1]
+    s = jnp.sum(sb * jnp.exp(mb - shift), axis=1, keepdims=True)
+    x, mask = load_tile(x_ref, row, j * block, rows=row + 1, n=n, block_rows=1, block=block,
+                        other=_NEG_INF)
+    z = x.astype(_F32) - shift
+    store_tile(o_ref, row, j * block, z - jnp.log(s) if log else jnp.exp(z) / s, mask,
+               block_rows=1, block=block)
 
 
 def _sum_kernel(x_ref, o_ref, *, rows, n, block_rows, block, divide):
@@ -239,14 +248,39 @@ def _sum_kernel(x_ref, o_ref, *, rows, n, block_rows, block, divide):
 # --------------------------------------------------------------------------------------- launchers
 
 
+def softmax_config(n: int, dtype: Any) -> RowConfig:
+    """Launch policy of ``softmax``/``log_softmax``: ``row_config`` for rows that fit one block;
+    longer rows (vocabularies) are cut into ``SPLIT_BLOCK`` pieces, one program each."""
+    if n > MAX_SINGLE_BLOCK:
+        return RowConfig(block=SPLIT_BLOCK, block_rows=1, num_warps=4, num_stages=1)
+    return row_config(n, dtype)
+
+
 def _softmax_pallas(x2, *, log, config):
     """x ``[rows, n]`` -> softmax / log_softmax ``[rows, n]`` in x's dtype."""
     rows, n = x2.shape
-    cfg = config or row_config(n, x2.dtype)
-    return launch_rows(
-        _softmax_kernel, (x2,), jax.ShapeDtypeStruct(x2.shape, x2.dtype), rows=rows, config=cfg,
-        name="bi_jax_log_softmax" if log else "bi_jax_softmax", n=n, log=log,
-    )
+    cfg = config or softmax_config(n, x2.dtype)
+    name = "bi_jax_log_softmax" if log else "bi_jax_softmax"
+    if n <= cfg.block:
+        return launch_rows(
+            _softmax_kernel, (x2,), jax.ShapeDtypeStruct(x2.shape, x2.dtype), rows=rows,
+            config=cfg, name=name, n=n, log=log,
+        )
+    # Rows longer than one block: every (row, block) is a program, at any row count. Kernel 1
+    # writes each block's (max, sum of exp); kernel 2 combines a row's stats and writes its block.
+    num_blocks = be.cdiv(n, cfg.block)
+    stats = jax.ShapeDtypeStruct((rows, num_blocks), _F32)
+    m, s = be.pallas_call(
+        functools.partial(_block_stats_kernel, n=n, block=cfg.block),
+        out_shape=(stats, stats), grid=(rows, num_blocks), num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, name=name + "_stats",
+    )(x2)
+    return be.pallas_call(
+        functools.partial(_block_write_kernel, n=n, block=cfg.block, num_blocks=num_blocks,
+                          stats_len=1 << (num_blocks - 1).bit_length(), log=log),
+        out_shape=jax.ShapeDtypeStruct(x2.shape, x2.dtype), grid=(rows, num_blocks),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, name=name,
+    )(x2, m, s)
 
 
 def _sum_pallas(x2, *, divide, out_dtype, config):

@@ -353,13 +353,14 @@ def test_every_config_lowers_for_cuda(dtype):
         for op in ("softmax", "log_softmax", "sum", "mean"):
             fn = functools.partial(getattr(bi_jax, op), implementation="pallas")
             exported = be.export_for_cuda(fn, x)
-            assert be.triton_kernel_count(exported) == 1, (op, n, cfg)
+            split = "softmax" in op and n > reductions.MAX_SINGLE_BLOCK  # stats + write kernels
+            assert be.triton_kernel_count(exported) == (2 if split else 1), (op, n, cfg)
 
 
 def test_grad_lowers_for_cuda():
     x = jax.ShapeDtypeStruct((3, 40000), jnp.bfloat16)
     f = lambda a: bi_jax.log_softmax(a, implementation="pallas")[:, 0].astype(jnp.float32).sum()
-    assert be.triton_kernel_count(be.export_for_cuda(jax.value_and_grad(f), x)) == 1
+    assert be.triton_kernel_count(be.export_for_cuda(jax.value_and_grad(f), x)) == 2
 
 
 # --------------------------------------------------------------------------------- GPU only
