@@ -23,8 +23,9 @@ Invariance:
   second combines the row's pieces with one fixed tree and writes its piece. The config (block,
   rows per program, warps) is a function of ``n`` and the dtype only (``row_config``,
   ``softmax_config``), never of the row count, and no row ever shares a reduction with another, so
-  row ``i`` of the output has the same bits whatever the other rows and the number of rows. The block and the warp count *are* part of
-  the numerics (they fix the reduction tree), which is why they may not follow the row count.
+  row ``i`` of the output has the same bits whatever the other rows and the number of rows. The
+  block and the warp count *are* part of the numerics (they fix the reduction tree), which is why
+  they may not follow the row count.
 
   The reference path (``fixed_order_reduce``) pads the reduced axis with the reduction's identity to
   a multiple of ``REF_CHUNK`` lanes, adds (or maxes) the chunks into a ``[..., REF_CHUNK]`` fp32
