@@ -112,7 +112,7 @@ class AttentionConfig:
     num_warps: int = 4
     num_stages: int = 2
     split_kv: bool | None = None
-    combine_num_warps: int = 4
+    combine_num_warps: int = 8  # 8 beats 4 by 4-8% at B=1, S >= 4096 on an H100
 
     def __post_init__(self) -> None:
         for name in ("block_q", "block_k"):
@@ -141,8 +141,9 @@ def attention_config(head_dim: int, dtype: Any) -> AttentionConfig:
     if dtype == jnp.float32:  # IEEE fp32 dots run on FMA units: small tiles, bounded registers
         return AttentionConfig(block_q=32, block_k=32, split_size=512,
                                num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+    # num_stages 3: -7% decode time at B=1, S <= 4096, and -3..7% prefill, vs 2 (H100, same bits)
     return AttentionConfig(block_q=64, block_k=64, split_size=512,
-                           num_warps=4 if head_dim <= 128 else 8, num_stages=2)
+                           num_warps=4 if head_dim <= 128 else 8, num_stages=3)
 
 
 def shipped_configs() -> tuple[tuple[int, jnp.dtype, AttentionConfig], ...]:
