@@ -22,20 +22,27 @@ def _randn(key, shape, dtype):
 
 
 def run_matmul(key):
+    import sys
+
     import bi_jax
     from bi_jax.matmul import shipped_configs
 
-    for dtype in (jnp.bfloat16, jnp.float16, jnp.float32):
-        for m, k, n in ((1, 100, 70), (3, 129, 33), (17, 64, 257), (130, 200, 190)):
-            ka, kb, kc, key = jax.random.split(key, 4)
-            a, b, bias = (
-                _randn(ka, (m, k), dtype),
-                _randn(kb, (k, n), dtype),
-                _randn(kc, (n,), dtype),
-            )
-            for cfg in shipped_configs(dtype):
-                out = bi_jax.matmul(a, b, bias=bias, implementation="pallas", config=cfg)
-                assert np.isfinite(np.asarray(out, np.float32)).all()
+    mm = sys.modules["bi_jax.matmul"]  # bi_jax.matmul the attribute is the function
+    shipped_chunk = mm._K_CHUNK
+    shapes = ((1, 100, 70), (3, 129, 33), (17, 64, 257), (130, 200, 190))
+    try:
+        for chunk in (shipped_chunk, 64):  # 64: ragged K in several chunks (split-K kernels)
+            mm._K_CHUNK = chunk
+            for dtype in (jnp.bfloat16, jnp.float16, jnp.float32):
+                for m, k, n in shapes:
+                    ka, kb, kc, key = jax.random.split(key, 4)
+                    a, b = _randn(ka, (m, k), dtype), _randn(kb, (k, n), dtype)
+                    bias = _randn(kc, (n,), dtype)
+                    for cfg in shipped_configs(dtype):
+                        out = bi_jax.matmul(a, b, bias=bias, implementation="pallas", config=cfg)
+                        assert np.isfinite(np.asarray(out, np.float32)).all()
+    finally:
+        mm._K_CHUNK = shipped_chunk
     return "matmul"
 
 
