@@ -112,7 +112,7 @@ class AttentionConfig:
     num_warps: int = 4
     num_stages: int = 2
     split_kv: bool | None = None
-    combine_num_warps: int = 8  # 8 beats 4 by 4-8% at B=1, S >= 4096 on an H100
+    combine_num_warps: int = 4
 
     def __post_init__(self) -> None:
         for name in ("block_q", "block_k"):
@@ -352,22 +352,37 @@ def _split_kernel(meta_ref, q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, *, geo, 
              mask=jnp.broadcast_to(ok[:, None], acc.shape))
 
 
+_COMBINE_UNROLL = 8  # partials loaded together before they are folded one by one (no numerics)
+
+
 def _combine_kernel(meta_ref, m_ref, l_ref, acc_ref, o_ref, *, geo, cfg, causal):
-    """Split mode, phase 2: fold the partials of splits 0, 1, 2, ... in order and normalise."""
+    """Split mode, phase 2: fold the partials of splits 0, 1, 2, ... in order and normalise.
+
+    The loads of ``_COMBINE_UNROLL`` consecutive partials are issued together (they do not depend
+    on the running state), then folded in split order: one memory latency per group instead of
+    one per split. A split past the row's keys is masked (``ok`` False) and leaves the state as is.
+    """
     pid0, tb = be.program_id(0), be.program_id(1)
     b, kvh, g0, _, _, n = _tile_rows(meta_ref, pid0, tb, geo=geo, causal=causal)
     num_splits = lax.div(jnp.max(n) + (cfg.split_size - 1), cfg.split_size)
     rows = be.ds(0, geo.rows)
 
-    def body(j, state):
+    def load(j):
         ok = j * cfg.split_size < n  # [rows]; implies the row was written
         m = be.load(m_ref.at[pid0, tb, j, rows], mask=ok, other=_NEG_INF)  # [rows]
         l = be.load(l_ref.at[pid0, tb, j, rows], mask=ok, other=0.0)  # [rows]
         acc = be.load(acc_ref.at[pid0, tb, j, rows, :],  # [rows, D]
                       mask=jnp.broadcast_to(ok[:, None], (geo.rows, geo.d)), other=0.0)
-        return _fold(state, (m, l, acc), ok)
+        return (m, l, acc), ok
 
-    state = lax.fori_loop(0, num_splits, body, _init_state((geo.rows,), geo.d))
+    def body(i, state):
+        parts = [load(i * _COMBINE_UNROLL + u) for u in range(_COMBINE_UNROLL)]
+        for part, ok in parts:
+            state = _fold(state, part, ok)
+        return state
+
+    groups = lax.div(num_splits + (_COMBINE_UNROLL - 1), _COMBINE_UNROLL)
+    state = lax.fori_loop(0, groups, body, _init_state((geo.rows,), geo.d))
     _store_o(o_ref, _finalize(state), b, tb, kvh, g0, geo=geo)
 
 
@@ -415,10 +430,13 @@ def _attend_pallas(q, k, v, meta, *, causal, c, cfg):
         num_stages=cfg.num_stages,
         name="bi_jax_attention_split",
     )(meta, q, k, v)
+    # The combine is elementwise per row, so its tile needs only the rows that can be valid (a
+    # decode step: the heads of one token, not block_q rows): same partials, same bits, less work.
+    geo_c = _geometry(q.shape, k.shape, min(cfg.block_q, 1 << (part_rows - 1).bit_length()))
     return be.pallas_call(
-        functools.partial(_combine_kernel, **common),
+        functools.partial(_combine_kernel, geo=geo_c, cfg=cfg, causal=causal),
         out_shape=out_shape,
-        grid=(geo.programs, geo.n_tblk),
+        grid=(geo_c.programs, geo_c.n_tblk),
         num_warps=cfg.combine_num_warps,
         num_stages=1,
         name="bi_jax_attention_combine",
