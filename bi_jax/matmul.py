@@ -95,7 +95,8 @@ def matmul_config(m: int, n: int, k: int, dtype: Any) -> MatmulConfig:
     Tuned on an H100 (bf16, Llama-3-8B projection shapes, every candidate bitwise equal): narrow
     tiles with deep pipelines while the weights dominate; one program per (tile, K chunk)
     (``split_k``) when K has several chunks and M is too small to fill the machine with tiles;
-    128x256 tiles with 8 warps once M fills it.
+    once M fills it, 128x256 or 128x128 tiles with 8 warps, whichever wastes less of the last wave
+    of tiles over the SMs (a 128x128 tile does half the work at ~0.86 of the rate).
     """
     dtype = jnp.dtype(dtype)
     bk = _BLOCK_K[dtype]
@@ -122,18 +123,28 @@ def matmul_config(m: int, n: int, k: int, dtype: Any) -> MatmulConfig:
             return MatmulConfig(64, 128, bk, num_warps=4, num_stages=4)
         if m <= 128:
             return MatmulConfig(128, 128, bk, num_warps=8, num_stages=3)
-        return MatmulConfig(128, 256, bk, num_warps=8, num_stages=4)
-    if m <= 32:
-        return MatmulConfig(16, 64, bk, num_warps=4, num_stages=8)
-    if m <= 64 and n <= 4096:
-        return MatmulConfig(16, 64, bk, num_warps=4, num_stages=6)
-    if m <= 128:
-        return MatmulConfig(64, 64, bk, num_warps=4, num_stages=4)
-    if m <= 256:
-        return MatmulConfig(64, 128, bk, num_warps=4, num_stages=4)
-    if m <= 512:
-        return MatmulConfig(128, 128, bk, num_warps=4, num_stages=4)
-    return MatmulConfig(128, 256, bk, num_warps=8, num_stages=3)
+    else:
+        if m <= 32:
+            return MatmulConfig(16, 64, bk, num_warps=4, num_stages=8)
+        if m <= 64 and n <= 4096:
+            return MatmulConfig(16, 64, bk, num_warps=4, num_stages=6)
+        if m <= 128:
+            return MatmulConfig(64, 64, bk, num_warps=4, num_stages=4)
+        if m <= 256:
+            return MatmulConfig(64, 128, bk, num_warps=4, num_stages=4)
+    big = MatmulConfig(128, 256, bk, num_warps=8, num_stages=4 if wide else 3)
+    small = MatmulConfig(128, 128, bk, num_warps=8, num_stages=3)
+    # time ~ waves x work per tile / rate: 2 / 1 for a 128x256 tile, 1 / rate for a 128x128 one
+    return big if 2 * _waves(m, n, big) * _SMALL_TILE_RATE <= _waves(m, n, small) else small
+
+
+_SMS = 132  # streaming multiprocessors of an H100 SXM: sizes the waves below, never the bits
+_SMALL_TILE_RATE = 0.86  # a 128x128 tile computes at ~0.86 of a 128x256 tile's rate (H100 sweep)
+
+
+def _waves(m: int, n: int, cfg: MatmulConfig) -> int:
+    """Waves of ``cfg``'s tiles over the SMs (the last one partly idle: wave quantisation)."""
+    return -(-(-(-m // cfg.block_m) * -(-n // cfg.block_n)) // _SMS)
 
 
 def shipped_configs(dtype: Any) -> tuple[MatmulConfig, ...]:
