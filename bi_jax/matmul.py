@@ -133,7 +133,7 @@ def matmul_config(m: int, n: int, k: int, dtype: Any) -> MatmulConfig:
         if m <= 256:
             return MatmulConfig(64, 128, bk, num_warps=4, num_stages=4)
     big = MatmulConfig(128, 256, bk, num_warps=8, num_stages=4 if wide else 3)
-    small = MatmulConfig(128, 128, bk, num_warps=8, num_stages=3)
+    small = MatmulConfig(128, 128, bk, num_warps=4, num_stages=4)
     # time ~ waves x work per tile / rate: 2 / 1 for a 128x256 tile, 1 / rate for a 128x128 one
     return big if 2 * _waves(m, n, big) * _SMALL_TILE_RATE <= _waves(m, n, small) else small
 
