@@ -222,13 +222,16 @@ def test_dot_general_in_flax_linear():
 
 
 @pytest.mark.parametrize("impl", INVARIANT_IMPLS)
-def test_dot_general_batch_dim_invariance(impl):
-    """Batch elements of a batched dot_general never mix: prefix over the batch dim."""
-    lhs, rhs = randn((40, 5, 24), jnp.bfloat16), randn((40, 24, 6), jnp.bfloat16)
+def test_dot_general_batch_dim_invariance(impl, k_chunk):
+    """Batch elements of a batched dot_general never mix: prefix over the batch dim (with a 64-wide
+    K chunk, K = 200 takes the split-K kernels with several batch elements)."""
+    lhs, rhs = randn((40, 5, 200), jnp.bfloat16), randn((40, 200, 6), jnp.bfloat16)
     fn = lambda l, r: bi_jax.dot_general(l, r, (((2,), (1,)), ((0,), (0,))), implementation=impl)
     testing.assert_batch_invariant(
         fn, lhs, rhs, batched_argnums=(0, 1), sizes=(1, 3, 17), num_embeddings=1
     )
+    testing.assert_close(fn(lhs, rhs), np.einsum("bmk,bkn->bmn", f64(lhs), f64(rhs)),
+                         dtype=jnp.bfloat16)
 
 
 # ----------------------------------------------------------------------------- jit / vmap / grad
