@@ -205,7 +205,11 @@ def _shift_of(m):
 
 
 def _block_stats_kernel(x_ref, m_ref, s_ref, *, n, block):
-    """Program (row, j): max and sum of exp(x - max) of block j of the row (``[1, block]``)."""
+    """Program (row, j): max and sum of exp(x - max) of block j of the row (``[1, block]``).
+
+    The grid has exactly one program per row, so only the column edge needs a mask
+    (``rows=row + 1`` below marks the program's own row valid).
+    """
     row, j = be.program_id(0), be.program_id(1)
     x = load_tile(x_ref, row, j * block, rows=row + 1, n=n, block_rows=1, block=block,
                   other=_NEG_INF)[0].astype(_F32)
