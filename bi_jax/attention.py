@@ -196,6 +196,8 @@ def _geometry(q_shape: tuple[int, ...], k_shape: tuple[int, ...], block_q: int) 
 def _online_step(state, s, active, pv_fn, row_sum):
     """One block of the online softmax for every row; rows with ``active`` False keep their state.
 
+    ``active=None``: every row active (the same bits as an all-true ``active``).
+
     ``s``: ``[..., block_k]`` scores (already scaled by ``scale * log2(e)``), ``-inf`` where masked.
     ``pv_fn(p)``: ``p [..., block_k]`` -> ``p @ v [..., D]`` in fp32; ``row_sum``: the key sum.
     """
@@ -206,6 +208,8 @@ def _online_step(state, s, active, pv_fn, row_sum):
     p = jnp.exp2(s - m_use[..., None])
     l_new = alpha * l + row_sum(p)
     acc_new = alpha[..., None] * acc + pv_fn(p)
+    if active is None:  # every row active (a block valid for every row)
+        return m_new, l_new, acc_new
     return (
         jnp.where(active, m_new, m),
         jnp.where(active, l_new, l),
@@ -292,47 +296,97 @@ def _store_o(o_ref, out, b, tb, kvh, g0, *, geo):
     be.store(view, out if shape3 is None else out.reshape(shape3), mask=mask)
 
 
-def _split_partial(q, k_ref, v_ref, b, kvh, j, kv_len, n, n_tile, *, geo, cfg, c, precision):
-    """Online softmax over the blocks of split ``j`` -> partial ``(m, l, acc)`` for every row."""
+def _block_step(state, q, k_ref, v_ref, b, kvh, k0, kv_len, n, *, geo, cfg, c, precision,
+                masked: bool):
+    """One ``block_k`` block of keys starting at ``k0`` folded into ``state`` (every row).
+
+    ``masked=False`` is for blocks whose keys are valid for every valid row of the tile (below the
+    smallest ``n``): unmasked loads, every row active. It is the same arithmetic as the masked form
+    with an all-true mask, so the bits are the same; rows outside the tile's valid rows compute
+    garbage there and are never stored.
+    """
     bk, d = cfg.block_k, geo.d
-    k_begin = j * cfg.split_size
-    num_blocks = lax.div(jnp.clip(n_tile - k_begin, 0, cfg.split_size) + (bk - 1), bk)
-
-    def body(i, state):
-        k0 = k_begin + i * bk
-        keys = k0 + jnp.arange(bk, dtype=jnp.int32)
+    k_view, v_view = k_ref.at[b, be.ds(k0, bk), kvh, :], v_ref.at[b, be.ds(k0, bk), kvh, :]
+    keys = k0 + jnp.arange(bk, dtype=jnp.int32)
+    if masked:
         kv_mask = jnp.broadcast_to((keys < kv_len)[:, None], (bk, d))
-        k_blk = be.load(k_ref.at[b, be.ds(k0, bk), kvh, :], mask=kv_mask, other=0.0)  # [bk, D]
-        v_blk = be.load(v_ref.at[b, be.ds(k0, bk), kvh, :], mask=kv_mask, other=0.0)  # [bk, D]
-        s = lax.dot_general(  # [rows, bk]
-            q, k_blk, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
-            precision=precision,
-        ) * c
-        s = jnp.where(keys[None, :] < n[:, None], s, _NEG_INF)
+        k_blk = be.load(k_view, mask=kv_mask, other=0.0)  # [bk, D]
+        v_blk = be.load(v_view, mask=kv_mask, other=0.0)  # [bk, D]
+    else:
+        k_blk, v_blk = be.load(k_view), be.load(v_view)  # [bk, D]
+    s = lax.dot_general(  # [rows, bk]
+        q, k_blk, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
+        precision=precision,
+    ) * c
+    # The key mask stays in both forms: besides masking it keeps ``s * c`` rounded before the
+    # ``- m`` of the exponent (no FMA contraction across the select), identically in every path.
+    s = jnp.where(keys[None, :] < n[:, None], s, _NEG_INF)
 
-        def pv(p):  # [rows, bk] -> [rows, D]
-            return jnp.dot(p.astype(v_blk.dtype), v_blk, preferred_element_type=jnp.float32,
-                           precision=precision)
+    def pv(p):  # [rows, bk] -> [rows, D]
+        return jnp.dot(p.astype(v_blk.dtype), v_blk, preferred_element_type=jnp.float32,
+                       precision=precision)
 
-        return _online_step(state, s, k0 < n, pv, functools.partial(jnp.sum, axis=-1))
+    return _online_step(state, s, k0 < n if masked else None, pv,
+                        functools.partial(jnp.sum, axis=-1))
 
-    return lax.fori_loop(0, num_blocks, body, _init_state((geo.rows,), d))
+
+def _full_blocks(n, valid, bk: int):
+    """Blocks from key 0 whose keys are valid for every valid row: ``min(n) // bk`` (a scalar)."""
+    return lax.div(jnp.min(jnp.where(valid, n, jnp.iinfo(jnp.int32).max)), bk)
+
+
+def _split_partial(q, k_ref, v_ref, b, kvh, j, kv_len, n, n_full, *, geo, cfg, c, precision):
+    """Online softmax over the blocks of split ``j`` -> partial ``(m, l, acc)`` for every row.
+
+    Blocks below ``n_full`` (valid for every row) run unmasked, the rest masked.
+    """
+    bk = cfg.block_k
+    per_split = cfg.split_size // bk
+    first = j * per_split
+    end = jnp.minimum(first + per_split, be.cdiv(jnp.max(n), bk))
+    mid = jnp.clip(n_full, first, jnp.maximum(end, first))
+    step = functools.partial(_block_step, q=q, k_ref=k_ref, v_ref=v_ref, b=b, kvh=kvh,
+                             kv_len=kv_len, n=n, geo=geo, cfg=cfg, c=c, precision=precision)
+    state = _init_state((geo.rows,), geo.d)
+    state = lax.fori_loop(first, mid, lambda i, st: step(st, k0=i * bk, masked=False), state)
+    return lax.fori_loop(mid, end, lambda i, st: step(st, k0=i * bk, masked=True), state)
 
 
 def _attention_kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, *, geo, cfg, causal, c, precision):
-    """Fold mode: one program owns a tile of rows and runs all its splits, folding in registers."""
+    """Fold mode: one program owns a tile of rows and runs all its splits, folding in registers.
+
+    One flat loop over the tile's blocks (so the software pipeline never drains at a split edge):
+    at the first block of split ``j > 0`` the partial of split ``j - 1`` is folded into the total
+    and a fresh partial starts. Blocks valid for every row run unmasked (a first loop), the rest
+    (the causal diagonal, a ragged end) masked: the same per-split sequence of block steps and
+    folds as the split kernel, hence the same bits.
+    """
     pid0, tb = be.program_id(0), be.program_id(1)
-    b, kvh, g0, kv_len, _, n = _tile_rows(meta_ref, pid0, tb, geo=geo, causal=causal)
+    b, kvh, g0, kv_len, valid, n = _tile_rows(meta_ref, pid0, tb, geo=geo, causal=causal)
     q = _load_q(q_ref, b, tb, kvh, g0, geo=geo)  # [rows, D]
-    n_tile = jnp.max(n)
-    num_splits = lax.div(n_tile + (cfg.split_size - 1), cfg.split_size)
+    bk = cfg.block_k
+    per_split = cfg.split_size // bk
+    n_blocks = be.cdiv(jnp.max(n), bk)
+    n_full = jnp.minimum(_full_blocks(n, valid, bk), n_blocks)
+    step = functools.partial(_block_step, q=q, k_ref=k_ref, v_ref=v_ref, b=b, kvh=kvh,
+                             kv_len=kv_len, n=n, geo=geo, cfg=cfg, c=c, precision=precision)
+    fresh = _init_state((geo.rows,), geo.d)
 
-    def body(j, state):
-        part = _split_partial(q, k_ref, v_ref, b, kvh, j, kv_len, n, n_tile, geo=geo, cfg=cfg,
-                              c=c, precision=precision)
-        return _fold(state, part, j * cfg.split_size < n)
+    def body(i, carry, masked):
+        total, part = carry
+        j = lax.div(i, per_split)
+        total, part = lax.cond(
+            (i > 0) & (lax.rem(i, per_split) == 0),
+            lambda: (_fold(total, part, (j - 1) * cfg.split_size < n), fresh),
+            lambda: (total, part),
+        )
+        return total, step(part, k0=i * bk, masked=masked)
 
-    state = lax.fori_loop(0, num_splits, body, _init_state((geo.rows,), geo.d))
+    carry = (fresh, fresh)
+    carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry)
+    total, part = lax.fori_loop(n_full, n_blocks, functools.partial(body, masked=True), carry)
+    last = lax.div(n_blocks - 1, per_split)  # the split of the last block (-1: no block at all)
+    state = _fold(total, part, (last >= 0) & (last * cfg.split_size < n))
     _store_o(o_ref, _finalize(state), b, tb, kvh, g0, geo=geo)
 
 
@@ -340,10 +394,11 @@ def _split_kernel(meta_ref, q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, *, geo, 
                   precision, part_rows):
     """Split mode, phase 1: program (tile, j) writes the fp32 partial of split ``j``."""
     pid0, tb, j = be.program_id(0), be.program_id(1), be.program_id(2)
-    b, kvh, g0, kv_len, _, n = _tile_rows(meta_ref, pid0, tb, geo=geo, causal=causal)
+    b, kvh, g0, kv_len, valid, n = _tile_rows(meta_ref, pid0, tb, geo=geo, causal=causal)
     q = _load_q(q_ref, b, tb, kvh, g0, geo=geo)  # [rows, D]
-    m, l, acc = _split_partial(q, k_ref, v_ref, b, kvh, j, kv_len, n, jnp.max(n), geo=geo,
-                               cfg=cfg, c=c, precision=precision)
+    m, l, acc = _split_partial(q, k_ref, v_ref, b, kvh, j, kv_len, n,
+                               _full_blocks(n, valid, cfg.block_k), geo=geo, cfg=cfg, c=c,
+                               precision=precision)
     ok = (j * cfg.split_size < n) & (jnp.arange(geo.rows) < part_rows)  # [rows]
     rows = be.ds(0, geo.rows)
     be.store(m_ref.at[pid0, tb, j, rows], m, mask=ok)  # [rows]
