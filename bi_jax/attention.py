@@ -330,26 +330,20 @@ def _block_step(state, q, k_ref, v_ref, b, kvh, k0, kv_len, n, *, geo, cfg, c, p
                         functools.partial(jnp.sum, axis=-1))
 
 
-def _full_blocks(n, valid, bk: int):
-    """Blocks from key 0 whose keys are valid for every valid row: ``min(n) // bk`` (a scalar)."""
-    return lax.div(jnp.min(jnp.where(valid, n, jnp.iinfo(jnp.int32).max)), bk)
-
-
-def _split_partial(q, k_ref, v_ref, b, kvh, j, kv_len, n, n_full, *, geo, cfg, c, precision):
+def _split_partial(q, k_ref, v_ref, b, kvh, j, kv_len, n, *, geo, cfg, c, precision):
     """Online softmax over the blocks of split ``j`` -> partial ``(m, l, acc)`` for every row.
 
-    Blocks below ``n_full`` (valid for every row) run unmasked, the rest masked.
+    Every block runs masked: an unmasked first loop (as in the fold kernel) made this 8-block loop
+    36% slower in a decode step (H100), and the two forms give the same bits.
     """
     bk = cfg.block_k
     per_split = cfg.split_size // bk
     first = j * per_split
-    end = jnp.minimum(first + per_split, be.cdiv(jnp.max(n), bk))
-    mid = jnp.clip(n_full, first, jnp.maximum(end, first))
+    end = jnp.maximum(jnp.minimum(first + per_split, be.cdiv(jnp.max(n), bk)), first)
     step = functools.partial(_block_step, q=q, k_ref=k_ref, v_ref=v_ref, b=b, kvh=kvh,
                              kv_len=kv_len, n=n, geo=geo, cfg=cfg, c=c, precision=precision)
-    state = _init_state((geo.rows,), geo.d)
-    state = lax.fori_loop(first, mid, lambda i, st: step(st, k0=i * bk, masked=False), state)
-    return lax.fori_loop(mid, end, lambda i, st: step(st, k0=i * bk, masked=True), state)
+    return lax.fori_loop(first, end, lambda i, st: step(st, k0=i * bk, masked=True),
+                         _init_state((geo.rows,), geo.d))
 
 
 def _attention_kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, *, geo, cfg, causal, c, precision):
@@ -367,7 +361,8 @@ def _attention_kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, *, geo, cfg, causal,
     bk = cfg.block_k
     per_split = cfg.split_size // bk
     n_blocks = be.cdiv(jnp.max(n), bk)
-    n_full = jnp.minimum(_full_blocks(n, valid, bk), n_blocks)
+    # blocks from key 0 valid for every valid row: min(n) // bk
+    n_full = jnp.minimum(lax.div(jnp.min(jnp.where(valid, n, n_blocks * bk)), bk), n_blocks)
     step = functools.partial(_block_step, q=q, k_ref=k_ref, v_ref=v_ref, b=b, kvh=kvh,
                              kv_len=kv_len, n=n, geo=geo, cfg=cfg, c=c, precision=precision)
     fresh = _init_state((geo.rows,), geo.d)
@@ -385,8 +380,8 @@ def _attention_kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, *, geo, cfg, causal,
     carry = (fresh, fresh)
     carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry)
     total, part = lax.fori_loop(n_full, n_blocks, functools.partial(body, masked=True), carry)
-    last = lax.div(n_blocks - 1, per_split)  # the split of the last block (-1: no block at all)
-    state = _fold(total, part, (last >= 0) & (last * cfg.split_size < n))
+    last = lax.div(n_blocks - 1, per_split)  # the split of the last block (no block: every n is 0)
+    state = _fold(total, part, last * cfg.split_size < n)
     _store_o(o_ref, _finalize(state), b, tb, kvh, g0, geo=geo)
 
 
@@ -394,10 +389,9 @@ def _split_kernel(meta_ref, q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, *, geo, 
                   precision, part_rows):
     """Split mode, phase 1: program (tile, j) writes the fp32 partial of split ``j``."""
     pid0, tb, j = be.program_id(0), be.program_id(1), be.program_id(2)
-    b, kvh, g0, kv_len, valid, n = _tile_rows(meta_ref, pid0, tb, geo=geo, causal=causal)
+    b, kvh, g0, kv_len, _, n = _tile_rows(meta_ref, pid0, tb, geo=geo, causal=causal)
     q = _load_q(q_ref, b, tb, kvh, g0, geo=geo)  # [rows, D]
-    m, l, acc = _split_partial(q, k_ref, v_ref, b, kvh, j, kv_len, n,
-                               _full_blocks(n, valid, cfg.block_k), geo=geo, cfg=cfg, c=c,
+    m, l, acc = _split_partial(q, k_ref, v_ref, b, kvh, j, kv_len, n, geo=geo, cfg=cfg, c=c,
                                precision=precision)
     ok = (j * cfg.split_size < n) & (jnp.arange(geo.rows) < part_rows)  # [rows]
     rows = be.ds(0, geo.rows)
