@@ -90,10 +90,9 @@ _NEG_INF = float("-inf")
 MAX_SINGLE_BLOCK = 16384  # rows up to this length are one block, held in registers
 SPLIT_BLOCK = 2048  # softmax of longer rows: elements per (row, block) program, any dtype
 # Long-row softmax at >= this many rows: that many programs (the H100's SM count; only a grid
-# size, never part of the numerics), each walking whole rows (launch parameters, no numerics).
+# size, never part of the numerics), each walking whole rows; ROW_LOOP_STAGES: its pipeline depth.
 ROW_LOOP_PROGRAMS = 132
 ROW_LOOP_STAGES = 4
-ROW_LOOP_UNROLL = 8  # pieces loaded together per round trip in the fused kernel
 _MIN_BLOCK = 16
 _TILE_ELEMENTS = 1024  # short rows: programs take several rows, at least this many elements
 _LONG_BLOCK = {jnp.dtype(jnp.bfloat16): 8192, jnp.dtype(jnp.float16): 8192,
@@ -213,22 +212,17 @@ def _shift_of(m):
     return jnp.where(m == _NEG_INF, 0.0, m)
 
 
-def _load_piece(x_ref, row, j, *, n, block):
-    """Piece ``j`` (``[1, block]``, -inf past ``n``) of ``row`` and its column mask.
+def _piece_stats(x_ref, m_ref, s_ref, row, j, *, n, block):
+    """Max and sum of exp(x - max) of piece ``j`` (``[1, block]``) of ``row`` -> m/s ``[row, j]``.
 
     Only the column edge needs a mask (``rows=row + 1`` marks the program's own row valid).
     """
-    return load_tile(x_ref, row, j * block, rows=row + 1, n=n, block_rows=1, block=block,
-                     other=_NEG_INF)
-
-
-def _piece_stats(m_ref, s_ref, row, j, x, *, ok=None):
-    """Max and sum of exp(x - max) of a loaded piece ``x`` -> m/s ``[row, j]`` (if ``ok``)."""
-    x = x.astype(_F32)
+    x = load_tile(x_ref, row, j * block, rows=row + 1, n=n, block_rows=1, block=block,
+                  other=_NEG_INF)[0].astype(_F32)
     m = jnp.max(x, axis=1, keepdims=True)  # [1, 1]
     s = jnp.sum(jnp.exp(x - _shift_of(m)), axis=1, keepdims=True)
-    be.store(m_ref.at[be.ds(row, 1), be.ds(j, 1)], m, mask=ok)
-    be.store(s_ref.at[be.ds(row, 1), be.ds(j, 1)], s, mask=ok)
+    be.store(m_ref.at[be.ds(row, 1), be.ds(j, 1)], m)
+    be.store(s_ref.at[be.ds(row, 1), be.ds(j, 1)], s)
 
 
 def _row_stats(m_ref, s_ref, row, *, num_blocks, stats_len):
@@ -240,8 +234,10 @@ def _row_stats(m_ref, s_ref, row, *, num_blocks, stats_len):
     return shift, jnp.sum(sb * jnp.exp(mb - shift), axis=1, keepdims=True)
 
 
-def _piece_write(o_ref, row, j, x, mask, shift, s, *, block, log):
-    """Write piece ``j`` (loaded ``x`` and its mask) of the softmax (log_softmax) of ``row``."""
+def _piece_write(x_ref, o_ref, row, j, shift, s, *, n, block, log):
+    """Write piece ``j`` of the softmax (log_softmax) of ``row``."""
+    x, mask = load_tile(x_ref, row, j * block, rows=row + 1, n=n, block_rows=1, block=block,
+                        other=_NEG_INF)
     z = x.astype(_F32) - shift
     store_tile(o_ref, row, j * block, z - jnp.log(s) if log else jnp.exp(z) / s, mask,
                block_rows=1, block=block)
@@ -249,52 +245,41 @@ def _piece_write(o_ref, row, j, x, mask, shift, s, *, block, log):
 
 def _block_stats_kernel(x_ref, m_ref, s_ref, *, n, block):
     """Split form, kernel 1: program (row, j) writes the stats of piece j of the row."""
-    row, j = be.program_id(0), be.program_id(1)
-    _piece_stats(m_ref, s_ref, row, j, _load_piece(x_ref, row, j, n=n, block=block)[0])
+    _piece_stats(x_ref, m_ref, s_ref, be.program_id(0), be.program_id(1), n=n, block=block)
 
 
 def _block_write_kernel(x_ref, m_ref, s_ref, o_ref, *, n, block, num_blocks, stats_len, log):
     """Split form, kernel 2: program (row, j) combines the row's stats and writes piece j."""
     row, j = be.program_id(0), be.program_id(1)
     shift, s = _row_stats(m_ref, s_ref, row, num_blocks=num_blocks, stats_len=stats_len)
-    x, mask = _load_piece(x_ref, row, j, n=n, block=block)
-    _piece_write(o_ref, row, j, x, mask, shift, s, block=block, log=log)
+    _piece_write(x_ref, o_ref, row, j, shift, s, n=n, block=block, log=log)
 
 
 def _row_loop_kernel(x_ref, o_ref, m_ref, s_ref, *, rows, n, block, num_blocks, stats_len, log,
                      programs):
     """Fused form: program p owns rows p, p + programs, ...; per row it runs the stats of every
     piece, a barrier, the same combine and the writes, pieces last to first (the most recently
-    read pieces are the likeliest still in L2). The loads of ``ROW_LOOP_UNROLL`` pieces are
-    issued together, then each piece is processed as in the split form (same helpers, same
-    ``[1, block]`` tiles, so the same bits); the stats pass through global scratch
-    (``m_ref``/``s_ref``) as they do there."""
+    read pieces are the likeliest still in L2). The same helpers as the split form, so the same
+    bits; the stats pass through global scratch (``m_ref``/``s_ref``) as they do there."""
     p = be.program_id(0)
-    u = ROW_LOOP_UNROLL
-    groups = -(-num_blocks // u)
 
     def one_row(i, carry):
         row = p + i * programs
 
-        def stats(g, c):
-            js = [g * u + k for k in range(u)]
-            xs = [_load_piece(x_ref, row, j, n=n, block=block)[0] for j in js]
-            for j, x in zip(js, xs, strict=True):
-                _piece_stats(m_ref, s_ref, row, j, x, ok=j < num_blocks)
+        def stats(j, c):
+            _piece_stats(x_ref, m_ref, s_ref, row, j, n=n, block=block)
             return c
 
-        lax.fori_loop(0, groups, stats, 0)
+        lax.fori_loop(0, num_blocks, stats, 0)
         be.barrier()  # the row's stats, stored by other threads, are read below
         shift, s = _row_stats(m_ref, s_ref, row, num_blocks=num_blocks, stats_len=stats_len)
 
-        def write(g, c):  # groups last to first; a piece past the row is fully masked
-            js = [(groups - 1 - g) * u + k for k in range(u)]
-            loaded = [_load_piece(x_ref, row, j, n=n, block=block) for j in js]
-            for j, (x, mask) in zip(js, loaded, strict=True):
-                _piece_write(o_ref, row, j, x, mask, shift, s, block=block, log=log)
+        def write(j, c):
+            _piece_write(x_ref, o_ref, row, num_blocks - 1 - j, shift, s, n=n, block=block,
+                         log=log)
             return c
 
-        lax.fori_loop(0, groups, write, 0)
+        lax.fori_loop(0, num_blocks, write, 0)
         return carry
 
     lax.fori_loop(0, be.cdiv(rows - p, programs), one_row, 0)
