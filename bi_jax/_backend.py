@@ -34,13 +34,6 @@ load = plt.load  # masked load: load(ref.at[...], mask=..., other=...)
 store = plt.store  # masked store: store(ref.at[...], value, mask=...)
 
 
-def barrier() -> None:
-    """Block-wide barrier (``bar.sync``): global stores before it are visible to the program's
-    threads after it. A no-op in interpret mode, where a program runs as one sequential trace."""
-    if not interpret_mode():
-        plt.debug_barrier()
-
-
 @functools.cache
 def has_gpu() -> bool:
     """True when jax's default backend is a (CUDA) GPU."""

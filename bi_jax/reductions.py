@@ -18,13 +18,9 @@ Invariance:
   are one block: loaded once, reduced and written from registers. Longer rows (LLM vocabularies)
   take several blocks in a fixed order: ``sum``/``mean`` add the blocks lane by lane into one fp32
   block accumulator and reduce it once at the end. ``softmax``/``log_softmax`` cut longer rows into
-  ``SPLIT_BLOCK`` pieces at every row count: each piece's (max, sum of exp) is computed and stored,
-  the row's pieces are combined with one fixed tree, and each piece is written. Below
-  ``ROW_LOOP_PROGRAMS`` rows every (row, piece) is a program of two kernels (stats, then combine
-  and write), so a single row of a 128k vocabulary still fills the GPU; from that row count on,
-  one fused kernel of ``ROW_LOOP_PROGRAMS`` programs walks whole rows (the second read of a row
-  then comes from L2). Both forms run the same per-piece and per-row code on the same values,
-  so the launch form, chosen from the row count, does not move a bit. The config (block,
+  ``SPLIT_BLOCK`` pieces, one program per (row, piece) at every row count (so a single row of a
+  128k vocabulary still fills the GPU): a first kernel writes each piece's (max, sum of exp), a
+  second combines the row's pieces with one fixed tree and writes its piece. The config (block,
   rows per program, warps) is a function of ``n`` and the dtype only (``row_config``,
   ``softmax_config``), never of the row count, and no row ever shares a reduction with another, so
   row ``i`` of the output has the same bits whatever the other rows and the number of rows. The
@@ -89,10 +85,6 @@ _NEG_INF = float("-inf")
 
 MAX_SINGLE_BLOCK = 16384  # rows up to this length are one block, held in registers
 SPLIT_BLOCK = 2048  # softmax of longer rows: elements per (row, block) program, any dtype
-# Long-row softmax at >= this many rows: that many programs (the H100's SM count; only a grid
-# size, never part of the numerics), each walking whole rows; ROW_LOOP_STAGES: its pipeline depth.
-ROW_LOOP_PROGRAMS = 132
-ROW_LOOP_STAGES = 4
 _MIN_BLOCK = 16
 _TILE_ELEMENTS = 1024  # short rows: programs take several rows, at least this many elements
 _LONG_BLOCK = {jnp.dtype(jnp.bfloat16): 8192, jnp.dtype(jnp.float16): 8192,
@@ -212,11 +204,13 @@ def _shift_of(m):
     return jnp.where(m == _NEG_INF, 0.0, m)
 
 
-def _piece_stats(x_ref, m_ref, s_ref, row, j, *, n, block):
-    """Max and sum of exp(x - max) of piece ``j`` (``[1, block]``) of ``row`` -> m/s ``[row, j]``.
+def _block_stats_kernel(x_ref, m_ref, s_ref, *, n, block):
+    """Program (row, j): max and sum of exp(x - max) of block j of the row (``[1, block]``).
 
-    Only the column edge needs a mask (``rows=row + 1`` marks the program's own row valid).
+    The grid has exactly one program per row, so only the column edge needs a mask
+    (``rows=row + 1`` below marks the program's own row valid).
     """
+    row, j = be.program_id(0), be.program_id(1)
     x = load_tile(x_ref, row, j * block, rows=row + 1, n=n, block_rows=1, block=block,
                   other=_NEG_INF)[0].astype(_F32)
     m = jnp.max(x, axis=1, keepdims=True)  # [1, 1]
@@ -225,64 +219,19 @@ def _piece_stats(x_ref, m_ref, s_ref, row, j, *, n, block):
     be.store(s_ref.at[be.ds(row, 1), be.ds(j, 1)], s)
 
 
-def _row_stats(m_ref, s_ref, row, *, num_blocks, stats_len):
-    """Combine the piece stats of ``row`` with one fixed tree -> (shift, sum of exp), ``[1, 1]``."""
+def _block_write_kernel(x_ref, m_ref, s_ref, o_ref, *, n, block, num_blocks, stats_len, log):
+    """Program (row, j): combine the row's block stats (fixed tree), write block j of the output."""
+    row, j = be.program_id(0), be.program_id(1)
     ok = (jnp.arange(stats_len) < num_blocks)[None, :]
     mb = be.load(m_ref.at[be.ds(row, 1), be.ds(0, stats_len)], mask=ok, other=_NEG_INF)
     sb = be.load(s_ref.at[be.ds(row, 1), be.ds(0, stats_len)], mask=ok, other=0.0)
     shift = _shift_of(jnp.max(mb, axis=1, keepdims=True))  # [1, 1]
-    return shift, jnp.sum(sb * jnp.exp(mb - shift), axis=1, keepdims=True)
-
-
-def _piece_write(x_ref, o_ref, row, j, shift, s, *, n, block, log):
-    """Write piece ``j`` of the softmax (log_softmax) of ``row``."""
+    s = jnp.sum(sb * jnp.exp(mb - shift), axis=1, keepdims=True)
     x, mask = load_tile(x_ref, row, j * block, rows=row + 1, n=n, block_rows=1, block=block,
                         other=_NEG_INF)
     z = x.astype(_F32) - shift
     store_tile(o_ref, row, j * block, z - jnp.log(s) if log else jnp.exp(z) / s, mask,
                block_rows=1, block=block)
-
-
-def _block_stats_kernel(x_ref, m_ref, s_ref, *, n, block):
-    """Split form, kernel 1: program (row, j) writes the stats of piece j of the row."""
-    _piece_stats(x_ref, m_ref, s_ref, be.program_id(0), be.program_id(1), n=n, block=block)
-
-
-def _block_write_kernel(x_ref, m_ref, s_ref, o_ref, *, n, block, num_blocks, stats_len, log):
-    """Split form, kernel 2: program (row, j) combines the row's stats and writes piece j."""
-    row, j = be.program_id(0), be.program_id(1)
-    shift, s = _row_stats(m_ref, s_ref, row, num_blocks=num_blocks, stats_len=stats_len)
-    _piece_write(x_ref, o_ref, row, j, shift, s, n=n, block=block, log=log)
-
-
-def _row_loop_kernel(x_ref, o_ref, m_ref, s_ref, *, rows, n, block, num_blocks, stats_len, log,
-                     programs):
-    """Fused form: program p owns rows p, p + programs, ...; per row it runs the stats of every
-    piece, a barrier, the same combine and the writes, pieces last to first (the most recently
-    read pieces are the likeliest still in L2). The same helpers as the split form, so the same
-    bits; the stats pass through global scratch (``m_ref``/``s_ref``) as they do there."""
-    p = be.program_id(0)
-
-    def one_row(i, carry):
-        row = p + i * programs
-
-        def stats(j, c):
-            _piece_stats(x_ref, m_ref, s_ref, row, j, n=n, block=block)
-            return c
-
-        lax.fori_loop(0, num_blocks, stats, 0)
-        be.barrier()  # the row's stats, stored by other threads, are read below
-        shift, s = _row_stats(m_ref, s_ref, row, num_blocks=num_blocks, stats_len=stats_len)
-
-        def write(j, c):
-            _piece_write(x_ref, o_ref, row, num_blocks - 1 - j, shift, s, n=n, block=block,
-                         log=log)
-            return c
-
-        lax.fori_loop(0, num_blocks, write, 0)
-        return carry
-
-    lax.fori_loop(0, be.cdiv(rows - p, programs), one_row, 0)
 
 
 def _sum_kernel(x_ref, o_ref, *, rows, n, block_rows, block, divide):
@@ -306,8 +255,7 @@ def _sum_kernel(x_ref, o_ref, *, rows, n, block_rows, block, divide):
 
 def softmax_config(n: int, dtype: Any) -> RowConfig:
     """Launch policy of ``softmax``/``log_softmax``: ``row_config`` for rows that fit one block;
-    longer rows (vocabularies) are cut into ``SPLIT_BLOCK`` pieces (``_softmax_pallas`` picks the
-    launch form: a program per piece, or programs walking whole rows)."""
+    longer rows (vocabularies) are cut into ``SPLIT_BLOCK`` pieces, one program each."""
     if n > MAX_SINGLE_BLOCK:
         return RowConfig(block=SPLIT_BLOCK, block_rows=1, num_warps=4, num_stages=1)
     return row_config(n, dtype)
@@ -323,29 +271,19 @@ def _softmax_pallas(x2, *, log, config):
             _softmax_kernel, (x2,), jax.ShapeDtypeStruct(x2.shape, x2.dtype), rows=rows,
             config=cfg, name=name, n=n, log=log,
         )
+    # Rows longer than one block: every (row, block) is a program, at any row count. Kernel 1
+    # writes each block's (max, sum of exp); kernel 2 combines a row's stats and writes its block.
     num_blocks = be.cdiv(n, cfg.block)
     stats = jax.ShapeDtypeStruct((rows, num_blocks), _F32)
-    common = dict(n=n, block=cfg.block, num_blocks=num_blocks,
-                  stats_len=1 << (num_blocks - 1).bit_length(), log=log)
-    out = jax.ShapeDtypeStruct(x2.shape, x2.dtype)
-    if rows >= ROW_LOOP_PROGRAMS:
-        # Many rows: one program per SM walks whole rows (stats, then the writes re-read the
-        # row while it is still in L2); x is read about once from HBM instead of twice.
-        return be.pallas_call(
-            functools.partial(_row_loop_kernel, rows=rows, programs=ROW_LOOP_PROGRAMS, **common),
-            out_shape=(out, stats, stats), grid=(ROW_LOOP_PROGRAMS,),
-            num_warps=cfg.num_warps, num_stages=ROW_LOOP_STAGES, name=name,
-        )(x2)[0]
-    # Few rows: every (row, piece) is a program. Kernel 1 writes each piece's (max, sum of exp);
-    # kernel 2 combines a row's stats and writes its piece.
     m, s = be.pallas_call(
         functools.partial(_block_stats_kernel, n=n, block=cfg.block),
         out_shape=(stats, stats), grid=(rows, num_blocks), num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, name=name + "_stats",
     )(x2)
     return be.pallas_call(
-        functools.partial(_block_write_kernel, **common),
-        out_shape=out, grid=(rows, num_blocks),
+        functools.partial(_block_write_kernel, n=n, block=cfg.block, num_blocks=num_blocks,
+                          stats_len=1 << (num_blocks - 1).bit_length(), log=log),
+        out_shape=jax.ShapeDtypeStruct(x2.shape, x2.dtype), grid=(rows, num_blocks),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, name=name,
     )(x2, m, s)
 

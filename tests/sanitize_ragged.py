@@ -50,8 +50,7 @@ def run_rows(key):
     import bi_jax
 
     for dtype in (jnp.bfloat16, jnp.float32):
-        # (135, 20001): the fused row-loop softmax (>= ROW_LOOP_PROGRAMS rows; some take 2 rows)
-        for rows, n in ((1, 1000), (3, 4097), (5, 5120), (2, 40000), (130, 72), (135, 20001)):
+        for rows, n in ((1, 1000), (3, 4097), (5, 5120), (2, 40000), (130, 72)):
             kx, kr, kw, key = jax.random.split(key, 4)
             x, r = _randn(kx, (rows, n), dtype), _randn(kr, (rows, n), dtype)
             w = _randn(kw, (n,), dtype)

@@ -227,20 +227,6 @@ def test_multi_block_batch_invariant(impl):
                                    num_embeddings=2)
 
 
-@pytest.mark.parametrize("log", [False, True])
-def test_row_loop_form_matches_split_form(monkeypatch, log):
-    """Long rows at >= ROW_LOOP_PROGRAMS rows (programs walking whole rows, one fused kernel) give
-    the bits of the (row, piece) form used below that row count."""
-    x = randn((11, 1000), jnp.bfloat16, scale=3.0)
-    f = functools.partial(_softmax_fn(log), implementation="pallas", config=MULTI_BLOCK)
-    split = np.concatenate([np.asarray(f(x[i:i + 1])) for i in range(11)])  # 1 row: split form
-    monkeypatch.setattr(reductions, "ROW_LOOP_PROGRAMS", 3)  # 11 rows: 3 programs, 3-4 rows each
-    assert be.triton_kernel_count(be.export_for_cuda(f, x)) == 1
-    testing.assert_bitwise_equal(f(x), split, what="row-loop form vs (row, piece) form")
-    expected = np_log_softmax(f64(x)) if log else np_softmax(f64(x))
-    testing.assert_close(split, expected, dtype=jnp.bfloat16)
-
-
 @pytest.mark.parametrize("impl", INVARIANT_IMPLS)
 def test_rows_along_a_leading_axis(impl):
     """Reducing axis 0 of ``[n, rows]``: the rows are the columns, still invariant."""
@@ -369,11 +355,6 @@ def test_every_config_lowers_for_cuda(dtype):
             exported = be.export_for_cuda(fn, x)
             split = "softmax" in op and n > reductions.MAX_SINGLE_BLOCK  # stats + write kernels
             assert be.triton_kernel_count(exported) == (2 if split else 1), (op, n, cfg)
-    # Long rows at many rows: the fused row-loop kernel.
-    x = jax.ShapeDtypeStruct((reductions.ROW_LOOP_PROGRAMS + 1, 128256), dtype)
-    for op in (bi_jax.softmax, bi_jax.log_softmax):
-        exported = be.export_for_cuda(functools.partial(op, implementation="pallas"), x)
-        assert be.triton_kernel_count(exported) == 1
 
 
 def test_grad_lowers_for_cuda():
