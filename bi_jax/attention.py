@@ -346,7 +346,8 @@ def _split_partial(q, k_ref, v_ref, b, kvh, j, kv_len, n, *, geo, cfg, c, precis
                          _init_state((geo.rows,), geo.d))
 
 
-def _attention_kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, *, geo, cfg, causal, c, precision):
+def _attention_kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, *, geo, cfg, causal, c, precision,
+                      token_major: bool):
     """Fold mode: one program owns a tile of rows and runs all its splits, folding in registers.
 
     One flat loop over the tile's blocks (so the software pipeline never drains at a split edge):
@@ -355,11 +356,10 @@ def _attention_kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, *, geo, cfg, causal,
     (the causal diagonal, a ragged end) masked: the same per-split sequence of block steps and
     folds as the split kernel, hence the same bits.
     """
-    # Grid (token blocks, KV-head tiles): CUDA runs axis 0 fastest, so the programs in flight
-    # are neighbouring token blocks of one KV head and share its K/V in L2 (the other order made
-    # every program of a 64-head batch re-read K/V from HBM: 3x cuDNN at B=8, T=16k). The last
-    # token blocks (the most keys under a causal mask) start first, for a shorter tail.
-    tb, pid0 = geo.n_tblk - 1 - be.program_id(0), be.program_id(1)
+    if token_major:  # grid (token blocks, KV-head tiles); see _attend_pallas
+        tb, pid0 = be.program_id(0), be.program_id(1)
+    else:  # grid (KV-head tiles, token blocks)
+        pid0, tb = be.program_id(0), be.program_id(1)
     b, kvh, g0, kv_len, valid, n = _tile_rows(meta_ref, pid0, tb, geo=geo, causal=causal)
     q = _load_q(q_ref, b, tb, kvh, g0, geo=geo)  # [rows, D]
     bk = cfg.block_k
@@ -452,6 +452,9 @@ def _use_split_kv(cfg: AttentionConfig, geo: _Geometry) -> bool:
     return geo.n_tblk == 1 and geo.tk > cfg.split_size
 
 
+_TOKEN_MAJOR_KV_BYTES = 32 << 20  # prefill launch order (H100, measured 2026-11-24); no numerics
+
+
 def _attend_pallas(q, k, v, meta, *, causal, c, cfg):
     """Launcher: q [B, Tq, Hq, D], k/v [B, Tk, Hkv, D], meta [B, 3] int32 -> [B, Tq, Hq, D]."""
     geo = _geometry(q.shape, k.shape, cfg.block_q)
@@ -459,10 +462,17 @@ def _attend_pallas(q, k, v, meta, *, causal, c, cfg):
     precision = _precision(q.dtype)
     out_shape = jax.ShapeDtypeStruct(q.shape, q.dtype)
     if not _use_split_kv(cfg, geo):
+        # CUDA runs grid axis 0 fastest. Past _TOKEN_MAJOR_KV_BYTES of K/V, neighbouring token
+        # blocks of one KV head go first, so the programs in flight share that head's K/V in L2
+        # (head-major made them re-read K/V from HBM: 3.0x cuDNN at B=8, T=16k, 1.7x token-major);
+        # below it head-major is faster (B=1, T=1k: 1.44x vs 1.59x cuDNN). No effect on the bits.
+        kv_bytes = 2 * k.size * k.dtype.itemsize
+        token_major = kv_bytes > _TOKEN_MAJOR_KV_BYTES
         call = be.pallas_call(
-            functools.partial(_attention_kernel, c=c, precision=precision, **common),
+            functools.partial(_attention_kernel, c=c, precision=precision,
+                              token_major=token_major, **common),
             out_shape=out_shape,
-            grid=(geo.n_tblk, geo.programs),
+            grid=(geo.n_tblk, geo.programs) if token_major else (geo.programs, geo.n_tblk),
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
             name="bi_jax_attention",
