@@ -465,7 +465,7 @@ def _attend_pallas(q, k, v, meta, *, causal, c, cfg):
         # CUDA runs grid axis 0 fastest. Past _TOKEN_MAJOR_KV_BYTES of K/V, neighbouring token
         # blocks of one KV head go first, so the programs in flight share that head's K/V in L2
         # (head-major made them re-read K/V from HBM: 3.0x cuDNN at B=8, T=16k, 1.7x token-major);
-        # below it head-major is faster (B=1, T=1k: 1.44x vs 1.59x cuDNN). No effect on the bits.
+        # below it head-major is faster (B=1, T=1k: 1.42x vs 1.59x cuDNN). No effect on the bits.
         kv_bytes = 2 * k.size * k.dtype.itemsize
         token_major = kv_bytes > _TOKEN_MAJOR_KV_BYTES
         call = be.pallas_call(
