@@ -13,7 +13,7 @@ float32 products.
 
 Invariance:
   Every output element is a fixed two-level fp32 sum over K: K is cut into chunks of a constant
-  ``k_chunk_size`` (8192) elements; inside a chunk one fresh accumulator runs over ascending
+  ``_K_CHUNK`` (8192) elements; inside a chunk one fresh accumulator runs over ascending
   ``block_k`` blocks (chained MMAs), and the chunk partials join a running total in ascending order,
   ``((0 + p0) + p1) + ...``; the bias is added in fp32 and the result is rounded once. The order
   depends on K alone, never on M or on the other rows, so row ``i`` of the output has the same bits
@@ -76,17 +76,11 @@ class MatmulConfig:
 
 
 _BLOCK_K = {jnp.dtype(jnp.bfloat16): 64, jnp.dtype(jnp.float16): 64, jnp.dtype(jnp.float32): 32}
-_K_CHUNK = 8192  # K elements per chunk partial, for every dtype, every M and every config
-
-
-def k_chunk_size(k: int, dtype: Any) -> int:
-    """K elements summed into one fresh fp32 partial before it joins the running total.
-
-    Part of the numerics: it depends on nothing (a constant), so the K order of every output
-    element is the same for any M, any tile and either launch mode (``MatmulConfig.split_k``).
-    """
-    del k, dtype
-    return _K_CHUNK
+# K elements summed into one fresh fp32 partial before it joins the running total. Part of the
+# numerics: a constant (never a function of M, the tile or the launch mode), so the K order of every
+# output element is the same for any batch. Read at trace time (tests shrink it to reach several
+# chunks with small K).
+_K_CHUNK = 8192
 
 
 def matmul_config(m: int, n: int, k: int, dtype: Any) -> MatmulConfig:
@@ -101,7 +95,7 @@ def matmul_config(m: int, n: int, k: int, dtype: Any) -> MatmulConfig:
     dtype = jnp.dtype(dtype)
     bk = _BLOCK_K[dtype]
     wide = n > 8192
-    chunked = k > k_chunk_size(k, dtype)
+    chunked = k > _K_CHUNK
     if dtype == jnp.float32:
         if m <= 16:
             return MatmulConfig(16, 64, bk, num_warps=4, num_stages=4, split_k=chunked)
@@ -276,7 +270,7 @@ def _bmm_pallas(a, b, bias, *, out_dtype, precision, config):
     nb, m, k = a.shape
     n = b.shape[2]
     cfg = config or matmul_config(m, n, k, a.dtype)
-    k_chunk = k_chunk_size(k, a.dtype)
+    k_chunk = _K_CHUNK
     if k_chunk % cfg.block_k:
         raise ValueError(f"matmul: block_k={cfg.block_k} must divide the K chunk {k_chunk}")
     chunks = be.cdiv(k, k_chunk)

@@ -26,7 +26,7 @@ def k_chunk(request, monkeypatch):
     """Run a test with the shipped K chunk and with a 64-element one (small K, several chunks)."""
     if request.param is not None:
         monkeypatch.setattr(_mm, "_K_CHUNK", request.param)
-    return _mm.k_chunk_size(0, jnp.bfloat16)
+    return _mm._K_CHUNK
 
 DTYPES = [jnp.bfloat16, jnp.float16, jnp.float32]
 INVARIANT_IMPLS = ["pallas", "reference"]
