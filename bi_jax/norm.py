@@ -24,7 +24,9 @@ Invariance:
   row count, and rows never share a reduction, so every output row has the same bits whatever the
   other rows and their number. The residual add happens in the same program that normalises the row.
   The reference path reduces with ``reductions.fixed_order_reduce`` (sequential chunks, fixed
-  pairwise tree, elementwise only): invariant by construction on every backend. ``implementation=
+  pairwise tree, elementwise only) and computes the per-row statistics lane-aligned
+  (``reductions.row_map``; the product with the weight is rounded before the bias add): invariant
+  by construction on every backend. ``implementation=
   "xla"`` (``jnp.mean`` etc.) promises nothing.
 
 Gradients: custom VJPs in plain jnp, shared by the Pallas and reference paths; the statistics are
@@ -55,6 +57,7 @@ from bi_jax.reductions import (
     load_vector,
     pad_lanes,
     row_config,
+    row_map,
     store_tile,
 )
 
@@ -208,7 +211,7 @@ def _rms_norm_ref(x2, weight, *, eps):
     """x ``[rows, n]`` -> rms_norm rows, invariant by construction."""
     n = x2.shape[-1]
     x = pad_lanes(exact_f32(x2), 0.0)
-    rstd = lax.rsqrt(fixed_order_reduce(x * x, "sum") / n + eps)[:, None]
+    rstd = row_map(lambda t: lax.rsqrt(t / n + eps), fixed_order_reduce(x * x, "sum"))[:, None]
     y = x * rstd
     if weight is not None:
         y = y * _padded_vector(weight)
@@ -227,14 +230,17 @@ def _layer_norm_ref(x2, weight, bias, *, eps):
     """x ``[rows, n]`` -> layer_norm rows, invariant by construction."""
     n = x2.shape[-1]
     x = pad_lanes(exact_f32(x2), 0.0)
-    mu = (fixed_order_reduce(x, "sum") / n)[:, None]
+    mu = row_map(lambda t: t / n, fixed_order_reduce(x, "sum"))[:, None]
     d = jnp.where(jnp.arange(x.shape[-1]) < n, x - mu, 0.0)
-    rstd = lax.rsqrt(fixed_order_reduce(d * d, "sum") / n + eps)[:, None]
+    rstd = row_map(lambda t: lax.rsqrt(t / n + eps), fixed_order_reduce(d * d, "sum"))[:, None]
     y = d * rstd
     if weight is not None:
         y = y * _padded_vector(weight)
     if bias is not None:
-        y = y + _padded_vector(bias)
+        # The barrier rounds ``y * weight`` before the add: XLA:CPU contracted the two into an FMA
+        # in some loop bodies and not in others (vector body vs remainder, which moves with the row
+        # count), a 1-ULP batch variance the property test caught.
+        y = lax.optimization_barrier(y) + _padded_vector(bias)
     return y[:, :n].astype(x2.dtype)
 
 

@@ -359,6 +359,21 @@ def fixed_order_reduce(x: jax.Array, kind: str = "sum") -> jax.Array:
     return acc[..., 0]
 
 
+def row_map(f, *stats: jax.Array) -> jax.Array:
+    """``f(*stats)`` for per-row statistics ``[...]`` (outputs of ``fixed_order_reduce``), computed
+    on ``REF_CHUNK``-wide rows so every value sits at the same vector lane whatever the row count.
+
+    XLA:CPU's divide, rsqrt, exp and log give position-dependent bits on short arrays (vector body
+    vs remainder; measured: ``(a / 5000)[9] != (a[9:] / 5000)[0]`` for some float32 ``a`` of 10
+    elements): on a ``[rows]`` array that makes a row's statistic depend on the number of rows.
+    The broadcast is materialised (an optimization barrier), so XLA cannot move ``f`` before it.
+    """
+    wide = lax.optimization_barrier(
+        tuple(jnp.broadcast_to(s[..., None], (*s.shape, REF_CHUNK)) for s in stats)
+    )
+    return f(*wide)[..., 0]
+
+
 def _softmax_ref(x2, *, log):
     """x ``[rows, n]`` -> softmax / log_softmax rows, invariant by construction."""
     n = x2.shape[-1]
@@ -366,15 +381,15 @@ def _softmax_ref(x2, *, log):
     m = lax.stop_gradient(fixed_order_reduce(x, "max")[:, None])
     z = x - jnp.where(m == _NEG_INF, 0.0, m)
     e = jnp.exp(z)
-    s = fixed_order_reduce(e, "sum")[:, None]
-    out = z - jnp.log(s) if log else e / s
+    s = fixed_order_reduce(e, "sum")
+    out = z - row_map(jnp.log, s)[:, None] if log else e / s[:, None]
     return out[:, :n].astype(x2.dtype)
 
 
 def _sum_ref(x2, *, divide, out_dtype):
     total = fixed_order_reduce(x2, "sum")
     if divide:
-        total = total / x2.shape[-1]
+        total = row_map(lambda t: t / x2.shape[-1], total)
     return total.astype(out_dtype)
 
 
