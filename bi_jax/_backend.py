@@ -8,8 +8,11 @@ touch ``jax.experimental.pallas.triton`` themselves.
   ``"reference"`` elsewhere.
 * ``implementation="pallas"`` on a machine without a GPU runs the same kernels in Pallas interpret mode
   (set ``BI_JAX_INTERPRET=1`` to force interpret mode on a GPU machine, e.g. to debug a kernel).
-* ``export_for_cuda`` lowers a function for CUDA on any machine (Pallas -> Triton IR), so CI checks the
-  real GPU lowering of every kernel config without a GPU.
+* ``export_for_cuda`` lowers a function for CUDA on any machine (Pallas -> Triton IR, Pallas -> Mosaic
+  GPU), so CI checks the real GPU lowering of every kernel config without a GPU.
+* Mosaic GPU (Hopper: TMA, wgmma, warp specialisation) kernels are written against ``mgpu`` (the
+  ``jax.experimental.pallas.mosaic_gpu`` module) and launched with ``mosaic_kernel``; without a GPU they
+  run in jax's GPU interpret mode.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 
 import jax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as mgpu
 from jax.experimental.pallas import triton as plt
 
 IMPLEMENTATIONS = ("pallas", "reference", "xla")
@@ -32,6 +36,41 @@ program_id = pl.program_id
 cdiv = pl.cdiv
 load = plt.load  # masked load: load(ref.at[...], mask=..., other=...)
 store = plt.store  # masked store: store(ref.at[...], value, mask=...)
+when, loop, run_scoped, run_state = pl.when, pl.loop, pl.run_scoped, pl.run_state  # Mosaic GPU
+
+
+def inline_asm(asm: str, *args: jax.Array) -> jax.Array:
+    """One elementwise PTX instruction (fp32 in, fp32 out) in a Triton kernel: ``$0`` is the result."""
+    return plt.elementwise_inline_asm(
+        asm, args=list(args), constraints="=r" + ",r" * len(args), pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(args[0].shape, args[0].dtype)],
+    )[0]
+
+
+_NOT_HOPPER = False  # set by assume_not_hopper
+
+
+def is_hopper() -> bool:
+    """True when jax's default device is a compute-capability 9.0 GPU (H100, H200, H800, GH200)."""
+    return not _NOT_HOPPER and _device_is_hopper()
+
+
+@functools.cache
+def _device_is_hopper() -> bool:
+    if not has_gpu():
+        return False
+    return str(getattr(jax.devices()[0], "compute_capability", "")) == "9.0"
+
+
+@contextlib.contextmanager
+def assume_not_hopper() -> Iterator[None]:
+    """``is_hopper()`` is False inside (to list or test the configs of other GPUs)."""
+    global _NOT_HOPPER
+    saved, _NOT_HOPPER = _NOT_HOPPER, True
+    try:
+        yield
+    finally:
+        _NOT_HOPPER = saved
 
 
 @functools.cache
@@ -86,6 +125,31 @@ def pallas_call(
         compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret_mode(),
         name=name,
+    )
+
+
+def mosaic_kernel(body: Callable[..., None], *, out_type: Any, grid: tuple[int, ...],
+                  grid_names: tuple[str, ...], num_threads: int,
+                  thread_name: str) -> Callable[..., Any]:
+    """``mgpu.kernel`` with the project's compiler params and the interpret default.
+
+    ``approx_math``: ``exp2`` is the hardware ``ex2.approx.ftz.f32`` (the Triton kernels use the
+    same instruction through ``inline_asm`` where their bits must match); division stays IEEE.
+    """
+    interpret = None
+    if interpret_mode():
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+        interpret = InterpretGPUParams()
+    return mgpu.kernel(
+        body,
+        out_type=out_type,
+        grid=grid,
+        grid_names=grid_names,
+        num_threads=num_threads,
+        thread_name=thread_name,
+        compiler_params=mgpu.CompilerParams(approx_math=True),
+        interpret=interpret,
     )
 
 

@@ -98,7 +98,11 @@ class AttentionConfig:
         MMA, but the tile changes the register layout of the row sums on the GPU: measured on an
         H100 (2026-11-24, jax 0.11.2), block_q=32 differed from 64 by 1 ULP (128 matched), so
         every path uses the same value.
-      num_warps, num_stages: launch parameters of the main kernel (same reason).
+      num_warps, num_stages: launch parameters of the main kernel (same reason; for the Mosaic
+        kernel num_stages is the depth of its K/V TMA pipeline and num_warps is unused).
+      kernel: "triton" (Pallas-Triton kernels, any CUDA GPU) or "mosaic" (the Hopper kernel:
+        TMA, wgmma, two compute warpgroups and a producer; bf16/fp16, D = 64 or 128, block_q 64).
+        Their bits differ: compare calls of one kernel.
     Not part of the numerics:
       split_kv: None (auto: split the KV axis over the grid when one query tile covers all rows and
         the context is longer than one split), True (always: partials + combine kernel) or False
@@ -113,6 +117,7 @@ class AttentionConfig:
     num_stages: int = 2
     split_kv: bool | None = None
     combine_num_warps: int = 4
+    kernel: str = "triton"
 
     def __post_init__(self) -> None:
         for name in ("block_q", "block_k"):
@@ -131,13 +136,27 @@ class AttentionConfig:
                 raise ValueError(f"AttentionConfig.{name}={v!r} must be a power of two <= 32")
         if not isinstance(self.num_stages, int) or self.num_stages < 1:
             raise ValueError(f"AttentionConfig.num_stages={self.num_stages!r} must be >= 1")
+        if self.kernel not in ("triton", "mosaic"):
+            raise ValueError(f"AttentionConfig.kernel={self.kernel!r} must be 'triton' or 'mosaic'")
+        if self.kernel == "mosaic" and (self.block_q != _WG_ROWS or self.block_k not in (64, 128)):
+            raise ValueError(f"AttentionConfig: the Mosaic kernel needs block_q=64 and block_k 64 or "
+                             f"128, got block_q={self.block_q}, block_k={self.block_k}")
         if self.split_kv not in (None, True, False):
             raise ValueError(f"AttentionConfig.split_kv={self.split_kv!r} must be None or a bool")
 
 
+def _mosaic_config() -> AttentionConfig:
+    # H100, 2026-11-24: block_k 128 + 2 stages beat 64 (any stages) by 10-15% in the prefill sweep
+    return AttentionConfig(block_q=64, block_k=128, split_size=512, num_warps=4, num_stages=2,
+                           kernel="mosaic")
+
+
 def attention_config(head_dim: int, dtype: Any) -> AttentionConfig:
-    """The default config: depends on the head dim and dtype only (never on batch or lengths)."""
+    """The default config: depends on the head dim, the dtype and the GPU only (never on batch or
+    lengths): the Mosaic kernel on Hopper for bf16/fp16 with D = 64 or 128, else Triton."""
     dtype = jnp.dtype(dtype)
+    if be.is_hopper() and dtype in (jnp.bfloat16, jnp.float16) and head_dim in (64, 128):
+        return _mosaic_config()
     if dtype == jnp.float32:  # IEEE fp32 dots run on FMA units: small tiles, bounded registers
         return AttentionConfig(block_q=32, block_k=32, split_size=512,
                                num_warps=4 if head_dim <= 64 else 8, num_stages=2)
@@ -147,12 +166,16 @@ def attention_config(head_dim: int, dtype: Any) -> AttentionConfig:
 
 
 def shipped_configs() -> tuple[tuple[int, jnp.dtype, AttentionConfig], ...]:
-    """``(head_dim, dtype, config)`` for every default config (for the lowering tests)."""
-    return tuple(
-        (d, jnp.dtype(t), attention_config(d, t))
-        for t in (jnp.bfloat16, jnp.float16, jnp.float32)
-        for d in (64, 128, 256)
-    )
+    """``(head_dim, dtype, config)`` for every default config on any GPU (for the lowering tests)."""
+    with be.assume_not_hopper():
+        triton = tuple(
+            (d, jnp.dtype(t), attention_config(d, t))
+            for t in (jnp.bfloat16, jnp.float16, jnp.float32)
+            for d in (64, 128, 256)
+        )
+    mosaic = tuple((d, jnp.dtype(t), _mosaic_config())
+                   for t in (jnp.bfloat16, jnp.float16) for d in (64, 128))
+    return triton + mosaic
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,14 +240,14 @@ def _online_step(state, s, active, pv_fn, row_sum):
     )
 
 
-def _fold(state, part, ok):
+def _fold(state, part, ok, exp2=jnp.exp2):
     """Fold split partial ``part`` into the running ``state`` for the rows where ``ok`` holds."""
     big_m, big_l, big_a = state
     m, l, acc = part
     m_new = jnp.maximum(big_m, m)
     m_use = jnp.where(m_new == _NEG_INF, 0.0, m_new)
-    a = jnp.exp2(big_m - m_use)  # powers of two (integer-valued maxima): exact products below
-    b = jnp.exp2(m - m_use)
+    a = exp2(big_m - m_use)  # powers of two (integer-valued maxima): exact products below
+    b = exp2(m - m_use)
     l_new = big_l * a + l * b
     a_new = big_a * a[..., None] + acc * b[..., None]
     return (
@@ -234,11 +257,24 @@ def _fold(state, part, ok):
     )
 
 
-def _finalize(state):
+def _finalize(state, div=jnp.divide):
     """``acc / l``; rows that saw no valid key (``l == 0``) give exact zeros."""
     _, l, acc = state
     has = l > 0
-    return jnp.where(has[..., None], acc / jnp.where(has, l, 1.0)[..., None], 0.0)
+    return jnp.where(has[..., None], div(acc, jnp.where(has, l, 1.0)[..., None]), 0.0)
+
+
+def _ex2_ftz(x):  # Triton: the instruction of the Mosaic kernel's exp2 (approx_math)
+    if be.interpret_mode():  # no PTX on the CPU (interpret mode checks logic, not GPU bits)
+        return jnp.exp2(x)
+    return be.inline_asm("ex2.approx.ftz.f32 $0, $1;", x)
+
+
+def _div_rn(a, b):  # Triton: IEEE division (a plain ``/`` is ``div.full.f32`` there)
+    a, b = jnp.broadcast_arrays(a, b)
+    if be.interpret_mode():
+        return a / b
+    return be.inline_asm("div.rn.f32 $0, $1, $2;", a, b)
 
 
 def _init_state(rows_shape: tuple[int, ...], d: int):
@@ -414,7 +450,13 @@ def _combine_kernel(meta_ref, m_ref, l_ref, acc_ref, o_ref, *, geo, cfg, causal)
     The loads of ``_COMBINE_UNROLL`` consecutive partials are issued together (they do not depend
     on the running state), then folded in split order: one memory latency per group instead of
     one per split. A split past the row's keys is masked (``ok`` False) and leaves the state as is.
+    Behind the Mosaic kernel it uses that kernel's instructions (``ex2.approx.ftz``, IEEE division),
+    so a decode step gives the bits of the Mosaic kernel's in-register fold.
     """
+    fold, finalize = _fold, _finalize
+    if cfg.kernel == "mosaic":
+        fold = functools.partial(_fold, exp2=_ex2_ftz)
+        finalize = functools.partial(_finalize, div=_div_rn)
     pid0, tb = be.program_id(0), be.program_id(1)
     b, kvh, g0, _, _, n = _tile_rows(meta_ref, pid0, tb, geo=geo, causal=causal)
     num_splits = lax.div(jnp.max(n) + (cfg.split_size - 1), cfg.split_size)
@@ -431,12 +473,386 @@ def _combine_kernel(meta_ref, m_ref, l_ref, acc_ref, o_ref, *, geo, cfg, causal)
     def body(i, state):
         parts = [load(i * _COMBINE_UNROLL + u) for u in range(_COMBINE_UNROLL)]
         for part, ok in parts:
-            state = _fold(state, part, ok)
+            state = fold(state, part, ok)
         return state
 
     groups = lax.div(num_splits + (_COMBINE_UNROLL - 1), _COMBINE_UNROLL)
     state = lax.fori_loop(0, groups, body, _init_state((geo.rows,), geo.d))
-    _store_o(o_ref, _finalize(state), b, tb, kvh, g0, geo=geo)
+    _store_o(o_ref, finalize(state), b, tb, kvh, g0, geo=geo)
+
+
+# ------------------------------------------------------------------ Mosaic GPU kernel (Hopper)
+
+_WG_ROWS = 64  # rows of one compute warpgroup (the wgmma M)
+_TWO23 = float(2**23)
+
+
+def _ceil_exact(x):
+    """``ceil`` of an fp32 array without a ceil instruction (Mosaic GPU has none); -inf stays."""
+    small = jnp.abs(x) < _TWO23  # larger magnitudes (and the infinities) are integers already
+    xs = jnp.where(small, x, 0.0)
+    t = xs.astype(jnp.int32).astype(jnp.float32)  # truncation toward zero
+    return jnp.where(small, t + jnp.where(t < xs, 1.0, 0.0), x)
+
+
+@dataclasses.dataclass(frozen=True)
+class _MosaicGeometry:
+    """Rows of the Mosaic kernel: ``q2 [B, U, H2, D]`` with ``U`` row slots per head ``h2``.
+
+    Token-tiled (``r == 1``): ``q2 = q``; a warpgroup owns 64 tokens of one query head. Packed
+    (``r = bg``): ``q2[b, t * bg + g, kvh] = q[b, t, kvh * group + g]`` (heads padded to the power
+    of two ``bg``), so a warpgroup owns 64 / bg tokens x bg heads of one KV head (decode: the heads
+    of one token). A CTA runs two warpgroups on one KV head's K/V: two heads of a group (``pair_heads``)
+    or two consecutive 64-row blocks of one head.
+    """
+
+    batch: int
+    u: int  # row slots along axis 1 of q2 (padded to a multiple of 8)
+    u_valid: int  # row slots that can hold a token (tq * r)
+    h2: int  # heads of q2
+    group2: int  # heads of q2 per KV head
+    r: int  # row slots per token
+    group: int  # real query heads per row group (r == 1: 1)
+    d: int
+    tk: int
+    n_wg: int  # compute warpgroups per CTA (1 in split mode: every row fits one)
+
+    @property
+    def pair_heads(self) -> bool:
+        return self.n_wg == 2 and self.group2 % 2 == 0
+
+    @property
+    def n_pairs(self) -> int:
+        return self.h2 // 2 if self.pair_heads else self.h2
+
+    @property
+    def n_tblk(self) -> int:
+        return be.cdiv(self.u, _WG_ROWS if self.pair_heads else self.n_wg * _WG_ROWS)
+
+
+def _mosaic_rows(meta_ref, b, u0, *, geo: _MosaicGeometry, causal: bool):
+    """Per-row valid-key counts ``n [64]`` of rows ``u0 ..`` and the tile's smallest/largest n."""
+    q_start, q_len, kv_len = meta_ref[b, 0], meta_ref[b, 1], meta_ref[b, 2]
+    u = u0 + be.mgpu.broadcasted_iota(jnp.int32, (_WG_ROWS, 8), 0,
+                                      layout=be.mgpu.Layout.WGMMA).max(axis=1)
+    t = lax.div(u, jnp.int32(geo.r))
+    valid = t < q_len
+    if geo.r > 1:
+        valid &= lax.rem(u, jnp.int32(geo.r)) < geo.group
+    n = jnp.minimum(kv_len, q_start + t + 1) if causal else jnp.zeros_like(t) + kv_len
+    n = jnp.where(valid, jnp.maximum(n, 0), 0)
+
+    def n_of(tok):
+        return jnp.maximum(jnp.minimum(kv_len, q_start + tok + 1) if causal else kv_len, 0)
+
+    t_first = lax.div(u0, jnp.int32(geo.r))
+    t_last = jnp.minimum(q_len, lax.div(u0 + (_WG_ROWS - 1), jnp.int32(geo.r)) + 1) - 1
+    any_valid = t_last >= t_first
+    return n, jnp.where(any_valid, n_of(t_first), 0), jnp.where(any_valid, n_of(t_last), 0)
+
+
+def _mosaic_kernel(meta_ref, q_ref, k_ref, v_ref, out_refs, scratch, *, geo: _MosaicGeometry,
+                   cfg: AttentionConfig, causal: bool, c: float, n_splits: int):
+    """Warp-specialised attention: two compute warpgroups and one TMA producer per CTA.
+
+    The numerics are those of the module docstring with this kernel's own instructions: per block
+    ``s = q k^T`` (wgmma, fp32), ``s * c`` rounded (a key mask or an optimisation barrier keeps it
+    from an FMA), the integer running max, ``p = exp2(s - m)`` (``ex2.approx.ftz``), ``l`` as the
+    row sum of ``p``, ``acc = alpha * acc + p16 @ v`` (the rescaled accumulator is the wgmma's
+    accumulator). Splits of ``split_size`` keys fold as ``_fold`` (in SMEM: the running total does
+    not fit the registers beside a 128-key block). ``n_splits == 0``: fold mode (one CTA runs all
+    splits of its rows and writes the output); otherwise split mode (CTA ``(.., b * n_splits + j)``
+    writes the partial of split ``j`` for the Triton combine kernel).
+    """
+    plgpu, lay = be.mgpu, be.mgpu.Layout.WGMMA
+    bk, d, stages = cfg.block_k, geo.d, cfg.num_stages
+    per_split = cfg.split_size // bk
+    dtype = q_ref.dtype
+    pair, tb, bj = lax.axis_index("pair"), lax.axis_index("tblk"), lax.axis_index("bj")
+    wg = lax.axis_index("wg")
+    if n_splits:
+        b, j_only = lax.div(bj, jnp.int32(n_splits)), lax.rem(bj, jnp.int32(n_splits))
+    else:
+        b, j_only = bj, None
+
+    def tile(w):  # (q2 head, first row slot) of compute warpgroup w
+        if geo.pair_heads:
+            return 2 * pair + w, tb * _WG_ROWS
+        return pair, tb * (geo.n_wg * _WG_ROWS) + w * _WG_ROWS
+
+    kvh = lax.div(tile(0)[0], jnp.int32(geo.group2))
+
+    def block_range(n_max):  # blocks [lo, hi) this CTA runs for rows with largest n n_max
+        hi = be.cdiv(n_max, jnp.int32(bk))
+        if n_splits:
+            lo = j_only * per_split
+            return lo, jnp.maximum(jnp.minimum(hi, lo + per_split), lo)
+        return jnp.int32(0), hi
+
+    ranges = [block_range(_mosaic_rows(meta_ref, b, tile(w)[1], geo=geo, causal=causal)[2])
+              for w in range(geo.n_wg)]
+    cta_lo, cta_hi = ranges[0][0], ranges[0][1]
+    if geo.n_wg == 2:
+        cta_hi = jnp.maximum(cta_hi, ranges[1][1])
+    (q_smem2, k_smem, v_smem, tot_smem2, ml_smem, p_smem2, k_bar, v_bar, q_bar, k_free, v_free,
+     turn) = scratch
+
+    def take_turn():  # the two compute warpgroups alternate on the tensor cores
+        if geo.n_wg == 2:
+            plgpu.barrier_arrive(turn)
+            plgpu.barrier_wait(turn)
+
+    @be.when(wg < geo.n_wg)
+    def _compute():
+        plgpu.set_max_registers(232, action="increase")
+        h2, u0 = tile(wg)
+        n, n_min, n_max = _mosaic_rows(meta_ref, b, u0, geo=geo, causal=causal)
+        kv_len = meta_ref[b, 2]
+        lo, hi = block_range(n_max)
+        q_smem, tot_smem = q_smem2.at[wg], tot_smem2.at[wg]
+        plgpu.copy_gmem_to_smem(q_ref.at[b, be.ds(u0, _WG_ROWS), h2], q_smem, q_bar.at[wg])
+        plgpu.barrier_wait(q_bar.at[wg])
+        n2 = lax.broadcast_in_dim(n, (_WG_ROWS, bk), [0])
+        kcol = plgpu.broadcasted_iota(jnp.int32, (_WG_ROWS, bk), 1, layout=lay)
+
+        def fresh():
+            return (
+                plgpu.layout_cast(jnp.full((_WG_ROWS,), _NEG_INF, jnp.float32), lay.reduce(1)),
+                plgpu.layout_cast(jnp.full((_WG_ROWS,), 0.0, jnp.float32), lay.reduce(1)),
+                plgpu.layout_cast(jnp.full((_WG_ROWS, d), 0.0, jnp.float32), lay),
+            )
+
+        def rows(x, like):  # [64] -> broadcast over the columns of ``like``
+            return lax.broadcast_in_dim(x, like.shape, [0])
+
+        def step(i, part):
+            m, l, acc = part
+            slot = lax.rem(i, jnp.int32(stages))
+            plgpu.barrier_wait(k_bar.at[slot])
+
+            def qk(acc_ref):
+                plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+                take_turn()
+                return acc_ref[...]
+
+            s = be.run_scoped(qk, plgpu.ACC((_WG_ROWS, bk), jnp.float32))
+            plgpu.barrier_arrive(k_free.at[slot])
+            s = lax.cond(
+                (i + 1) * bk > n_min,  # some row of the tile has keys of this block masked
+                lambda: jnp.where(i * bk + kcol < n2, s * c, _NEG_INF),
+                lambda: lax.optimization_barrier(s * c),  # rounded like the masked form
+            )
+            m_new = jnp.maximum(m, _ceil_exact(s.max(axis=1)))  # integer-valued (or -inf)
+            m_use = jnp.where(m_new == _NEG_INF, 0.0, m_new)
+            alpha = jnp.exp2(m - m_use)  # a power of two: alpha * state is exact
+            p = jnp.exp2(s - rows(m_use, s))
+            l_new = alpha * l + p.sum(axis=1)
+            acc = acc * rows(alpha, acc)
+            p16 = p.astype(dtype)
+            if geo.n_wg == 2:
+                plgpu.barrier_arrive(turn)
+            plgpu.barrier_wait(v_bar.at[slot])
+            if geo.n_wg == 2:
+                plgpu.barrier_wait(turn)
+
+            @be.when((i + 1) * bk > kv_len)  # slots past kv_len may hold NaN: p = 0 must win
+            def _():
+                v_blk = v_smem.at[slot]
+                vals = plgpu.load(v_blk, (), layout=lay)
+                key = plgpu.broadcasted_iota(jnp.int32, (bk, d), 0, layout=lay)
+                v_blk[...] = jnp.where(i * bk + key < kv_len, vals, jnp.zeros_like(vals))
+                plgpu.commit_smem()
+
+            acc = _mosaic_pv(acc, p16, v_smem.at[slot],
+                             None if p_smem2 is None else p_smem2.at[wg])
+            plgpu.barrier_arrive(v_free.at[slot])
+            return m_new, l_new, acc
+
+        be.when(wg == 1)(take_turn)
+        if n_splits:  # split mode: one split, its partial goes to the combine kernel
+            m, l, acc = lax.fori_loop(lo, hi, step, fresh())
+        else:
+            def split(j, total):
+                big_m, big_l = total
+                part = lax.fori_loop(j * per_split, jnp.minimum((j + 1) * per_split, hi), step,
+                                     fresh())
+                big_a = plgpu.load(tot_smem, (), layout=lay)
+                m, l, a = _fold((big_m, big_l, big_a), part, j * cfg.split_size < n)
+                tot_smem[...] = a
+                return m, l
+
+            m, l, acc = fresh()
+            tot_smem[...] = acc
+            m, l = lax.fori_loop(0, be.cdiv(hi, jnp.int32(per_split)), split, (m, l))
+            acc = plgpu.load(tot_smem, (), layout=lay)
+
+        @be.loop(hi, cta_hi)  # blocks only the other warpgroup needs: take part in the protocol
+        def _drain(i):
+            slot = lax.rem(i, jnp.int32(stages))
+            plgpu.barrier_wait(k_bar.at[slot])
+            plgpu.barrier_arrive(k_free.at[slot])
+            plgpu.barrier_wait(v_bar.at[slot])
+            plgpu.barrier_arrive(v_free.at[slot])
+            take_turn()
+            take_turn()
+
+        be.when(wg == 0)(take_turn)
+        if n_splits:
+            m_ref, l_ref, acc_ref = out_refs
+            pid0 = b * geo.h2 + kvh  # the Triton combine's program index (one tile per KV head)
+            rows, rows4 = geo.u_valid, -(-geo.u_valid // 4) * 4  # TMA: 16-byte rows
+
+            @be.when(wg == 0)  # split mode: every valid row is in warpgroup 0 (u_valid <= 64)
+            def _():
+                tot_smem[...] = acc
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(tot_smem.at[be.ds(0, rows)],
+                                        acc_ref.at[pid0, 0, j_only, be.ds(0, rows)])
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                # m and l go through rows 0 and 1 of the same buffer (SMEM is full)
+                m_smem, l_smem = ml_smem.at[0], ml_smem.at[1]
+                m_smem[...] = m
+                l_smem[...] = l
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(m_smem.at[be.ds(0, rows4)],
+                                        m_ref.at[pid0, 0, j_only, be.ds(0, rows4)])
+                plgpu.copy_smem_to_gmem(l_smem.at[be.ds(0, rows4)],
+                                        l_ref.at[pid0, 0, j_only, be.ds(0, rows4)])
+                plgpu.wait_smem_to_gmem(0)
+        else:
+            q_smem[...] = _finalize((m, l, acc)).astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_smem, out_refs[0].at[b, be.ds(u0, _WG_ROWS), h2])
+            plgpu.wait_smem_to_gmem(0)
+
+    @be.when(wg == geo.n_wg)
+    def _producer():
+        plgpu.set_max_registers(40, action="decrease")
+
+        @be.loop(cta_lo, cta_hi)
+        def _load(i):
+            slot = lax.rem(i, jnp.int32(stages))
+            src = (b, be.ds(i * bk, bk), kvh)
+            reuse = i - cta_lo >= stages
+
+            @be.when(reuse)
+            def _():
+                plgpu.barrier_wait(k_free.at[slot])
+
+            plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot], k_bar.at[slot])
+
+            @be.when(reuse)
+            def _():
+                plgpu.barrier_wait(v_free.at[slot])
+
+            plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[slot], v_bar.at[slot])
+
+        @be.loop(jnp.maximum(cta_hi - stages, cta_lo), cta_hi)
+        def _last(i):  # see the last slots released before the CTA's barriers go away
+            slot = lax.rem(i, jnp.int32(stages))
+            plgpu.barrier_wait(k_free.at[slot])
+            plgpu.barrier_wait(v_free.at[slot])
+
+
+def _mosaic_pv(acc, p16, v_smem, p_smem):
+    """``acc + p16 @ v`` with the sum inside the wgmma accumulator (``p_smem`` None).
+
+    jax 0.11's GPU interpret mode (CPU) has neither a register A operand nor a pre-initialised
+    accumulator: there (``p_smem`` given) ``p16`` goes through SMEM and the product is added to
+    ``acc`` afterwards (the same sum; interpret mode checks the logic, not the GPU's bits).
+    """
+    plgpu = be.mgpu
+    if p_smem is None:
+        return be.run_state(lambda r: plgpu.wgmma(r, p16, v_smem))(plgpu.ACC.init(acc))
+    p_smem[...] = p16
+    plgpu.commit_smem()
+
+    def pv(r):
+        plgpu.wgmma(r, p_smem, v_smem)
+        return r[...]
+
+    return acc + be.run_scoped(pv, plgpu.ACC(acc.shape, jnp.float32))
+
+
+def _attend_mosaic(q, k, v, meta, *, causal, c, cfg):
+    """Launcher of the Mosaic GPU kernel (+ the Triton combine in split mode); same I/O as
+    ``_attend_pallas``. Pads (rows to a multiple of 8, keys to a multiple of 8 and at least one
+    block: the TMA's tiling) and transposes q/o for the packed geometry; none of it moves bits."""
+    nb, tq, hq, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    group = hq // hkv
+    bg = 1 << (group - 1).bit_length()
+    packed = tq * bg <= _WG_ROWS or (tq * bg <= 2 * _WG_ROWS and bg <= _WG_ROWS)
+    if packed:  # rows (token, head of the group): q2 [B, tq * bg, Hkv, D]
+        q2 = q.reshape(nb, tq, hkv, group, d).transpose(0, 1, 3, 2, 4)
+        q2 = jnp.pad(q2, ((0, 0), (0, 0), (0, bg - group), (0, 0), (0, 0)))
+        q2 = q2.reshape(nb, tq * bg, hkv, d)
+        r, h2, group2, u_valid = bg, hkv, 1, tq * bg
+    else:
+        q2, r, h2, group2, u_valid = q, 1, hq, group, tq
+    u = -(-u_valid // 8) * 8
+    q2 = jnp.pad(q2, ((0, 0), (0, u - u_valid), (0, 0), (0, 0)))
+    tk_pad = max(-(-tk // 8) * 8, cfg.block_k)
+    if tk_pad != tk:  # a copy of K/V: only for key counts that are not a multiple of 8
+        k, v = (jnp.pad(x, ((0, 0), (0, tk_pad - tk), (0, 0), (0, 0))) for x in (k, v))
+    split = packed and u_valid <= _WG_ROWS and (
+        cfg.split_kv if cfg.split_kv is not None else tk > cfg.split_size)
+    n_wg = 1 if split else 2
+    geo = _MosaicGeometry(nb, u, u_valid, h2, group2, r, group if packed else 1, d, tk_pad, n_wg)
+    n_splits = be.cdiv(tk, cfg.split_size) if split else 0
+    dt = q.dtype
+    itemsize = jnp.dtype(dt).itemsize
+    swizzle = min(128, d * itemsize)
+    tr = (be.mgpu.TilingTransform((8, swizzle // itemsize)), be.mgpu.SwizzleTransform(swizzle))
+    st, bk = cfg.num_stages, cfg.block_k
+    scratch = (
+        be.mgpu.SMEM((n_wg, _WG_ROWS, d), dt, transforms=tr),  # q, then the output
+        be.mgpu.SMEM((st, bk, d), dt, transforms=tr),  # k
+        be.mgpu.SMEM((st, bk, d), dt, transforms=tr),  # v
+        be.mgpu.SMEM((n_wg, _WG_ROWS, d), jnp.float32),  # running total / partial acc
+        be.mgpu.SMEM((2, _WG_ROWS), jnp.float32) if split else None,  # partial m, l
+        be.mgpu.SMEM((n_wg, _WG_ROWS, bk), dt, transforms=tr) if be.interpret_mode() else None,
+        be.mgpu.Barrier(num_barriers=st),  # k loaded
+        be.mgpu.Barrier(num_barriers=st),  # v loaded
+        be.mgpu.Barrier(num_barriers=n_wg),  # q loaded
+        be.mgpu.Barrier(num_arrivals=n_wg, num_barriers=st),  # k slot free
+        be.mgpu.Barrier(num_arrivals=n_wg, num_barriers=st),  # v slot free
+        be.mgpu.Barrier(num_arrivals=2) if n_wg == 2 else None,  # tensor-core turn
+    )
+    if split:
+        rows4 = -(-u_valid // 4) * 4
+        lead = (nb * hkv, 1, n_splits)
+        out_type = (jax.ShapeDtypeStruct((*lead, rows4), jnp.float32),
+                    jax.ShapeDtypeStruct((*lead, rows4), jnp.float32),
+                    jax.ShapeDtypeStruct((*lead, u_valid, d), jnp.float32))
+    else:
+        out_type = (jax.ShapeDtypeStruct(q2.shape, dt),)
+
+    def entry(meta_ref, q_ref, k_ref, v_ref, *outs):
+        be.run_scoped(
+            lambda *sc: _mosaic_kernel(meta_ref, q_ref, k_ref, v_ref, outs, sc, geo=geo, cfg=cfg,
+                                       causal=causal, c=c, n_splits=n_splits),
+            *scratch, collective_axes="wg")
+
+    res = be.mosaic_kernel(
+        entry, out_type=out_type,
+        grid=(geo.n_pairs, geo.n_tblk, nb * max(n_splits, 1)),
+        grid_names=("pair", "tblk", "bj"), num_threads=n_wg + 1, thread_name="wg",
+    )(meta, q2, k, v)
+    if split:
+        geo_c = _geometry(q.shape, (nb, tk, hkv, d), 1 << (u_valid - 1).bit_length())
+        return be.pallas_call(
+            functools.partial(_combine_kernel, geo=geo_c, cfg=cfg, causal=causal),
+            out_shape=jax.ShapeDtypeStruct(q.shape, dt),
+            grid=(geo_c.programs, geo_c.n_tblk),
+            num_warps=cfg.combine_num_warps,
+            num_stages=1,
+            name="bi_jax_attention_combine",
+        )(meta, *res)
+    o2 = res[0][:, :u_valid]
+    if packed:
+        o2 = o2.reshape(nb, tq, bg, hkv, d)[:, :, :group].transpose(0, 1, 3, 2, 4)
+    return o2.reshape(nb, tq, hq, d)
 
 
 # ---------------------------------------------------------------------------------------- launcher
@@ -605,6 +1021,8 @@ def _attend(q, k, v, meta, *, causal, scale, impl, cfg, interpret):
     """The one core op; ``interpret`` only keys the jit cache (interpret vs GPU lowering)."""
     del interpret
     c = scale * _LOG2E  # scores in the log2 domain: exp2 everywhere
+    if impl == "pallas" and cfg.kernel == "mosaic":
+        return _attend_mosaic(q, k, v, meta, causal=causal, c=c, cfg=cfg)
     if impl == "pallas":
         return _attend_pallas(q, k, v, meta, causal=causal, c=c, cfg=cfg)
     if impl == "reference":
