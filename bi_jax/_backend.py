@@ -134,7 +134,7 @@ def mosaic_kernel(body: Callable[..., None], *, out_type: Any, grid: tuple[int, 
     """``mgpu.kernel`` with the project's compiler params and the interpret default.
 
     ``approx_math``: ``exp2`` is the hardware ``ex2.approx.ftz.f32`` (the Triton kernels use the
-    same instruction through ``inline_asm`` where their bits must match); division stays IEEE.
+    same instruction through ``inline_asm`` where their bits must match); division is unchanged.
     """
     interpret = None
     if interpret_mode():
@@ -182,6 +182,11 @@ def export_for_cuda(fn: Callable[..., Any], *args: Any) -> jax.export.Exported:
 def triton_kernel_count(exported: jax.export.Exported) -> int:
     """Number of Pallas-Triton custom calls in an exported module (to check lowering happened)."""
     return exported.mlir_module().count(plt.CUSTOM_CALL_TARGET_NAME)
+
+
+def mosaic_kernel_count(exported: jax.export.Exported) -> int:
+    """Number of Mosaic GPU custom calls in an exported module."""
+    return exported.mlir_module().count("stablehlo.custom_call @mosaic_gpu")
 
 
 @contextlib.contextmanager

@@ -403,19 +403,51 @@ def test_empty_inputs():
 @pytest.mark.parametrize("d,dtype,cfg", shipped_configs(),
                          ids=lambda x: str(x) if not isinstance(x, AttentionConfig) else "")
 def test_shipped_configs_lower_for_cuda(d, dtype, cfg):
-    """Every default config lowers to Triton for CUDA: prefill (fold) and decode (split + combine),
-    for MHA, GQA, a non power-of-two group and MQA with more heads than block_q rows."""
+    """Every default config (Triton; Mosaic for Hopper) lowers for CUDA: prefill (fold) and decode
+    (split + combine), for MHA, GQA, a non power-of-two group and MQA with more heads than block_q
+    rows."""
     s = jax.ShapeDtypeStruct
+    mosaic = cfg.kernel == "mosaic"
     for hq, hkv in ((8, 8), (8, 2), (12, 4), (2 * cfg.block_q, 1)):
         kv = s((2, 2 * cfg.split_size + 7, hkv, d), dtype)
         exported = be.export_for_cuda(
             lambda q, k, v: attention(q, k, v, implementation="pallas", config=cfg),
             s((2, 100, hq, d), dtype), kv, kv)
-        assert be.triton_kernel_count(exported) >= 1
+        if mosaic:
+            assert be.mosaic_kernel_count(exported) == 1
+        else:
+            assert be.triton_kernel_count(exported) >= 1
         exported = be.export_for_cuda(
             lambda q, k, v, n: decode_attention(q, k, v, n, implementation="pallas", config=cfg),
             s((2, 1, hq, d), dtype), kv, kv, s((2,), jnp.int32))
-        assert be.triton_kernel_count(exported) >= 2
+        if mosaic:  # split kernel + Triton combine, or (group > 64 heads) one fold-mode kernel
+            assert be.mosaic_kernel_count(exported) == 1
+            assert be.triton_kernel_count(exported) == (hq // hkv <= cfg.block_q)
+        else:
+            assert be.triton_kernel_count(exported) >= 2
+
+
+def test_mosaic_kernel_keeps_the_contract_in_interpret_mode():
+    """The Mosaic GPU kernel (GPU interpret mode on the CPU): a full prefill, chunks (packed and
+    token-tiled rows, split and fold mode) and single-token decode steps over a larger cache with
+    NaN past the lengths give the same bits; the result is within the reference's error of a
+    float64 softmax attention."""
+    cfg = AttentionConfig(block_q=64, block_k=128, split_size=512, num_stages=2, kernel="mosaic")
+    t, hq, hkv, d = 600, 4, 2, 64
+    q, k, v = qkv(1, t, t, hq, hkv, d, jnp.bfloat16)
+    full = np.asarray(attention(q, k, v, implementation="pallas", config=cfg))
+    ref = np.asarray(attention(q, k, v, implementation="reference", config=cfg), np.float64)
+    exact = np.asarray(jax.nn.dot_product_attention(
+        *(np.asarray(x, np.float64) for x in (q, k, v)), is_causal=True))
+    assert np.abs(full - exact).max() <= np.abs(ref - exact).max() + 2.0**-8
+    cap = t + 40
+    kc = with_garbage(jnp.pad(k, ((0, 0), (0, 40), (0, 0), (0, 0))), [t])
+    vc = with_garbage(jnp.pad(v, ((0, 0), (0, 40), (0, 0), (0, 0))), [t])
+    assert kc.shape[1] == cap
+    for lo, hi in ((0, 1), (1, 9), (9, 49), (49, 120), (120, 599), (599, 600)):
+        out = decode_attention(q[:, lo:hi], with_garbage(kc, [hi]), with_garbage(vc, [hi]),
+                               jnp.array([hi]), implementation="pallas", config=cfg)
+        testing.assert_bitwise_equal(np.asarray(out)[0], full[0, lo:hi], what=f"tokens {lo}..{hi}")
 
 
 # ------------------------------------------------------------------------ GPU, realistic sizes
