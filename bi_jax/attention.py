@@ -46,6 +46,11 @@ Invariance:
   products, fixed pairwise trees over ``D`` and over the keys of a block, sequential scans over
   blocks and splits), so it is batch-, slicing- and run-invariant by construction on every backend;
   its bits differ from the Pallas kernel's. ``implementation="xla"`` promises nothing.
+  On Hopper (bf16/fp16, D = 64 or 128) the default config selects the Mosaic GPU kernel
+  (``kernel="mosaic"``, block_k 128): the same two levels with its own instructions, in fold mode
+  for every geometry (token tiles or heads packed as rows: bit-neutral) and in split mode for
+  decode, whose partials the Triton combine folds with the Mosaic kernel's ``exp2``; prefill,
+  chunks and decode agree bitwise with each other, not with the Triton kernel.
 """
 
 from __future__ import annotations
