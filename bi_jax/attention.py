@@ -779,7 +779,7 @@ def _attend_mosaic(q, k, v, meta, *, causal, c, cfg):
     tk, hkv = k.shape[1], k.shape[2]
     group = hq // hkv
     bg = 1 << (group - 1).bit_length()
-    packed = tq * bg <= _WG_ROWS or (tq * bg <= 2 * _WG_ROWS and bg <= _WG_ROWS)
+    packed = bg <= _WG_ROWS and tq * bg <= 2 * _WG_ROWS  # one CTA covers every row
     if packed:  # rows (token, head of the group): q2 [B, tq * bg, Hkv, D]
         q2 = q.reshape(nb, tq, hkv, group, d).transpose(0, 1, 3, 2, 4)
         q2 = jnp.pad(q2, ((0, 0), (0, 0), (0, bg - group), (0, 0), (0, 0)))
