@@ -655,7 +655,7 @@ def _mosaic_kernel(meta_ref, q_ref, k_ref, v_ref, out_refs, scratch, *, geo: _Mo
             @be.when((i + 1) * bk > kv_len)  # slots past kv_len may hold NaN: p = 0 must win
             def _():
                 v_blk = v_smem.at[slot]
-                vals = plgpu.load(v_blk, (), layout=lay)
+                vals = plgpu.load(v_blk, layout=lay)
                 key = plgpu.broadcasted_iota(jnp.int32, (bk, d), 0, layout=lay)
                 v_blk[...] = jnp.where(i * bk + key < kv_len, vals, jnp.zeros_like(vals))
                 plgpu.commit_smem()
@@ -673,7 +673,7 @@ def _mosaic_kernel(meta_ref, q_ref, k_ref, v_ref, out_refs, scratch, *, geo: _Mo
                 big_m, big_l = total
                 part = lax.fori_loop(j * per_split, jnp.minimum((j + 1) * per_split, hi), step,
                                      fresh())
-                big_a = plgpu.load(tot_smem, (), layout=lay)
+                big_a = plgpu.load(tot_smem, layout=lay)
                 m, l, a = _fold((big_m, big_l, big_a), part, j * cfg.split_size < n)
                 tot_smem[...] = a
                 return m, l
@@ -681,7 +681,7 @@ def _mosaic_kernel(meta_ref, q_ref, k_ref, v_ref, out_refs, scratch, *, geo: _Mo
             m, l, acc = fresh()
             tot_smem[...] = acc
             m, l = lax.fori_loop(0, be.cdiv(hi, jnp.int32(per_split)), split, (m, l))
-            acc = plgpu.load(tot_smem, (), layout=lay)
+            acc = plgpu.load(tot_smem, layout=lay)
 
         @be.loop(hi, cta_hi)  # blocks only the other warpgroup needs: take part in the protocol
         def _drain(i):
