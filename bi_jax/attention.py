@@ -553,19 +553,23 @@ def _mosaic_kernel(meta_ref, q_ref, k_ref, v_ref, out_refs, scratch, *, geo: _Mo
     """Warp-specialised attention: two compute warpgroups and one TMA producer per CTA.
 
     The numerics are those of the module docstring with this kernel's own instructions: per block
-    ``s = q k^T`` (wgmma, fp32), ``s * c`` rounded (a key mask or an optimisation barrier keeps it
-    from an FMA), the integer running max, ``p = exp2(s - m)`` (``ex2.approx.ftz``), ``l`` as the
-    row sum of ``p``, ``acc = alpha * acc + p16 @ v`` (the rescaled accumulator is the wgmma's
-    accumulator). Splits of ``split_size`` keys fold as ``_fold`` (in SMEM: the running total does
-    not fit the registers beside a 128-key block). ``n_splits == 0``: fold mode (one CTA runs all
-    splits of its rows and writes the output); otherwise split mode (CTA ``(.., b * n_splits + j)``
-    writes the partial of split ``j`` for the Triton combine kernel).
+    ``s = q k^T`` (wgmma, fp32; masked keys -inf), the integer running max
+    ``m = max(m, ceil(max(s) * c))``, ``p = exp2(s * c - m)`` (one FMA per score, then
+    ``ex2.approx.ftz``), ``l`` as the row sum of ``p``, ``acc = alpha * acc + p16 @ v`` (the
+    rescaled accumulator is the wgmma's accumulator). Splits of ``split_size`` keys fold as
+    ``_fold``; the total's accumulator lives in SMEM (the registers are full beside a 128-key
+    block) and split ``j`` joins it during the first q k^T of split ``j + 1``. Every path (prefill,
+    chunk, decode) runs this same block step, so the bits agree. ``n_splits == 0``: fold mode (one
+    CTA runs all splits of its rows and writes the output); otherwise split mode (CTA
+    ``(.., b * n_splits + j)`` writes the partial of split ``j`` for the Triton combine kernel).
     """
     plgpu, lay = be.mgpu, be.mgpu.Layout.WGMMA
     bk, d, stages = cfg.block_k, geo.d, cfg.num_stages
     per_split = cfg.split_size // bk
     dtype = q_ref.dtype
     pair, tb, bj = lax.axis_index("pair"), lax.axis_index("tblk"), lax.axis_index("bj")
+    if causal and not n_splits:  # the longest causal row tiles start first (the tail balances)
+        tb = geo.n_tblk - 1 - tb
     wg = lax.axis_index("wg")
     if n_splits:
         b, j_only = lax.div(bj, jnp.int32(n_splits)), lax.rem(bj, jnp.int32(n_splits))
@@ -609,8 +613,10 @@ def _mosaic_kernel(meta_ref, q_ref, k_ref, v_ref, out_refs, scratch, *, geo: _Mo
         q_smem, tot_smem = q_smem2.at[wg], tot_smem2.at[wg]
         plgpu.copy_gmem_to_smem(q_ref.at[b, be.ds(u0, _WG_ROWS), h2], q_smem, q_bar.at[wg])
         plgpu.barrier_wait(q_bar.at[wg])
-        n2 = lax.broadcast_in_dim(n, (_WG_ROWS, bk), [0])
-        kcol = plgpu.broadcasted_iota(jnp.int32, (_WG_ROWS, bk), 1, layout=lay)
+
+        def key_ok(i):  # [64, bk]: key i * bk + column is valid for the row (built where used)
+            kcol = plgpu.broadcasted_iota(jnp.int32, (_WG_ROWS, bk), 1, layout=lay)
+            return kcol < lax.broadcast_in_dim(n - i * bk, (_WG_ROWS, bk), [0])
 
         def fresh():
             return (
@@ -622,27 +628,42 @@ def _mosaic_kernel(meta_ref, q_ref, k_ref, v_ref, out_refs, scratch, *, geo: _Mo
         def rows(x, like):  # [64] -> broadcast over the columns of ``like``
             return lax.broadcast_in_dim(x, like.shape, [0])
 
-        def step(i, part):
-            m, l, acc = part
+        def fold(part, big, j):  # the running total (m, l in registers, acc in SMEM) += split j
+            big_a = plgpu.load(tot_smem, layout=lay)
+            m, l, a = _fold((*big, big_a), part, j * cfg.split_size < n)
+            tot_smem[...] = a
+            return m, l
+
+        def step(i, carry):
+            part, big = carry
             slot = lax.rem(i, jnp.int32(stages))
             plgpu.barrier_wait(k_bar.at[slot])
 
             def qk(acc_ref):
                 plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
                 take_turn()
-                return acc_ref[...]
+                if n_splits:
+                    return acc_ref[...], part, big
+                # fold mode: at the first block of split j > 0, split j - 1 joins the total
+                # while the tensor cores run this block's q k^T
+                new_split = (lax.rem(i, jnp.int32(per_split)) == 0) & (i > 0)
+                part2, big2 = lax.cond(
+                    new_split,
+                    lambda: (fresh(), fold(part, big, lax.div(i, jnp.int32(per_split)) - 1)),
+                    lambda: (part, big))
+                return acc_ref[...], part2, big2
 
-            s = be.run_scoped(qk, plgpu.ACC((_WG_ROWS, bk), jnp.float32))
+            s, (m, l, acc), big = be.run_scoped(qk, plgpu.ACC((_WG_ROWS, bk), jnp.float32))
             plgpu.barrier_arrive(k_free.at[slot])
             s = lax.cond(
                 (i + 1) * bk > n_min,  # some row of the tile has keys of this block masked
-                lambda: jnp.where(i * bk + kcol < n2, s * c, _NEG_INF),
-                lambda: lax.optimization_barrier(s * c),  # rounded like the masked form
-            )
-            m_new = jnp.maximum(m, _ceil_exact(s.max(axis=1)))  # integer-valued (or -inf)
+                lambda: jnp.where(key_ok(i), s, _NEG_INF),
+                lambda: s)
+            # max(s * c) == max(s) * c (c > 0, rounding is monotonic): one multiply per row
+            m_new = jnp.maximum(m, _ceil_exact(s.max(axis=1) * c))  # integer-valued (or -inf)
             m_use = jnp.where(m_new == _NEG_INF, 0.0, m_new)
             alpha = jnp.exp2(m - m_use)  # a power of two: alpha * state is exact
-            p = jnp.exp2(s - rows(m_use, s))
+            p = jnp.exp2(s * c - rows(m_use, s))  # one FMA per score (the compiler contracts it)
             l_new = alpha * l + p.sum(axis=1)
             acc = acc * rows(alpha, acc)
             p16 = p.astype(dtype)
@@ -663,24 +684,17 @@ def _mosaic_kernel(meta_ref, q_ref, k_ref, v_ref, out_refs, scratch, *, geo: _Mo
             acc = _mosaic_pv(acc, p16, v_smem.at[slot],
                              None if p_smem2 is None else p_smem2.at[wg])
             plgpu.barrier_arrive(v_free.at[slot])
-            return m_new, l_new, acc
+            return (m_new, l_new, acc), big
 
         be.when(wg == 1)(take_turn)
         if n_splits:  # split mode: one split, its partial goes to the combine kernel
-            m, l, acc = lax.fori_loop(lo, hi, step, fresh())
-        else:
-            def split(j, total):
-                big_m, big_l = total
-                part = lax.fori_loop(j * per_split, jnp.minimum((j + 1) * per_split, hi), step,
-                                     fresh())
-                big_a = plgpu.load(tot_smem, layout=lay)
-                m, l, a = _fold((big_m, big_l, big_a), part, j * cfg.split_size < n)
-                tot_smem[...] = a
-                return m, l
-
+            (m, l, acc), _ = lax.fori_loop(lo, hi, step, (fresh(), ()))
+        else:  # fold mode
             m, l, acc = fresh()
             tot_smem[...] = acc
-            m, l = lax.fori_loop(0, be.cdiv(hi, jnp.int32(per_split)), split, (m, l))
+            part, big = lax.fori_loop(0, hi, step, (fresh(), (m, l)))
+            last = jnp.maximum(be.cdiv(hi, jnp.int32(per_split)) - 1, 0)
+            m, l = fold(part, big, last)  # hi == 0: no row has keys, the fold keeps the zeros
             acc = plgpu.load(tot_smem, layout=lay)
 
         @be.loop(hi, cta_hi)  # blocks only the other warpgroup needs: take part in the protocol
