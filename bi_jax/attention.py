@@ -48,7 +48,8 @@ Invariance:
   its bits differ from the Pallas kernel's. ``implementation="xla"`` promises nothing.
   On Hopper (bf16/fp16, D = 64 or 128) the default config selects the Mosaic GPU kernel
   (``kernel="mosaic"``, block_k 128): the same two levels with its own instructions, in fold mode
-  for every geometry (token tiles or heads packed as rows: bit-neutral) and in split mode for
+  (the running total's accumulator in SMEM, beside the registers of a 128-key block) for every
+  geometry (token tiles or heads packed as rows: bit-neutral) and in split mode for
   decode, whose partials the Triton combine folds with the Mosaic kernel's ``exp2``; prefill,
   chunks and decode agree bitwise with each other, not with the Triton kernel.
 """
