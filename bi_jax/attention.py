@@ -555,9 +555,9 @@ def _mosaic_kernel(meta_ref, q_ref, k_ref, v_ref, out_refs, scratch, *, geo: _Mo
 
     The numerics are those of the module docstring with this kernel's own instructions: per block
     ``s = q k^T`` (wgmma, fp32; masked keys -inf), the integer running max
-    ``m = max(m, ceil(max(s) * c))``, ``p = exp2(s * c - m)`` (``ex2.approx.ftz``; the compiler
-    may fuse ``s * c - m`` into one FMA), ``l`` as the row sum of ``p``, ``acc = alpha * acc + p16 @ v`` (the
-    rescaled accumulator is the wgmma's accumulator). Splits of ``split_size`` keys fold as
+    ``m = max(m, ceil(max(s) * c))``, ``p = exp2(s * c - m)`` (``s * c - m`` is one FMA in the
+    PTX, then ``ex2.approx.ftz``), ``l`` as the row sum of ``p``, ``acc = alpha * acc + p16 @ v``
+    (the rescaled accumulator is the wgmma's accumulator). Splits of ``split_size`` keys fold as
     ``_fold``; the total's accumulator lives in SMEM (the registers are full beside a 128-key
     block) and split ``j`` joins it during the first q k^T of split ``j + 1``. Every path (prefill,
     chunk, decode) runs this same block step, so the bits agree. ``n_splits == 0``: fold mode (one
@@ -664,7 +664,7 @@ def _mosaic_kernel(meta_ref, q_ref, k_ref, v_ref, out_refs, scratch, *, geo: _Mo
             m_new = jnp.maximum(m, _ceil_exact(s.max(axis=1) * c))  # integer-valued (or -inf)
             m_use = jnp.where(m_new == _NEG_INF, 0.0, m_new)
             alpha = jnp.exp2(m - m_use)  # a power of two: alpha * state is exact
-            # s * c - m: fused into an FMA or not, every path compiles this same step
+            # s * c - m: one FMA (seen in the PTX, jax 0.11.2); every path compiles this step
             p = jnp.exp2(s * c - rows(m_use, s))
             l_new = alpha * l + p.sum(axis=1)
             acc = acc * rows(alpha, acc)
