@@ -276,7 +276,6 @@ def _ex2_ftz(x):  # Triton: the instruction of the Mosaic kernel's exp2 (approx_
     return be.inline_asm("ex2.approx.ftz.f32 $0, $1;", x)
 
 
-
 def _init_state(rows_shape: tuple[int, ...], d: int):
     return (
         jnp.full(rows_shape, _NEG_INF, jnp.float32),
@@ -504,7 +503,6 @@ class _MosaicGeometry:
     or two consecutive 64-row blocks of one head.
     """
 
-    batch: int
     u: int  # row slots along axis 1 of q2 (padded to a multiple of 8)
     u_valid: int  # row slots that can hold a token (tq * r)
     h2: int  # heads of q2
@@ -512,7 +510,6 @@ class _MosaicGeometry:
     r: int  # row slots per token
     group: int  # real query heads per row group (r == 1: 1)
     d: int
-    tk: int
     n_wg: int  # compute warpgroups per CTA (1 in split mode: every row fits one)
 
     @property
@@ -811,7 +808,7 @@ def _attend_mosaic(q, k, v, meta, *, causal, c, cfg):
     split = packed and u_valid <= _WG_ROWS and (
         cfg.split_kv if cfg.split_kv is not None else tk > cfg.split_size)
     n_wg = 1 if split else 2
-    geo = _MosaicGeometry(nb, u, u_valid, h2, group2, r, group if packed else 1, d, tk_pad, n_wg)
+    geo = _MosaicGeometry(u, u_valid, h2, group2, r, group if packed else 1, d, n_wg)
     n_splits = be.cdiv(tk, cfg.split_size) if split else 0
     dt = q.dtype
     itemsize = jnp.dtype(dt).itemsize

@@ -26,8 +26,7 @@ Invariance:
   The reference path reduces with ``reductions.fixed_order_reduce`` (sequential chunks, fixed
   pairwise tree, elementwise only) and computes the per-row statistics lane-aligned
   (``reductions.row_map``; the product with the weight is rounded before the bias add): invariant
-  by construction on every backend. ``implementation=
-  "xla"`` (``jnp.mean`` etc.) promises nothing.
+  by construction on every backend. ``implementation="xla"`` (``jnp.mean`` etc.) promises nothing.
 
 Gradients: custom VJPs in plain jnp, shared by the Pallas and reference paths; the statistics are
 recomputed from the saved input (or ``s``) with ``fixed_order_reduce``, so the row gradients (d x,
