@@ -74,6 +74,15 @@ def assume_not_hopper() -> Iterator[None]:
 
 
 @functools.cache
+def sm_count() -> int:
+    """Streaming multiprocessors of jax's default GPU (an H100's 132 without a GPU: export,
+    interpret mode). Persistent kernels launch at most this many CTAs; never part of the numerics."""
+    if not has_gpu():
+        return _EXPORT_DEVICE.num_cores
+    return int(getattr(jax.devices()[0], "core_count", 0) or _EXPORT_DEVICE.num_cores)
+
+
+@functools.cache
 def has_gpu() -> bool:
     """True when jax's default backend is a (CUDA) GPU."""
     try:
@@ -128,6 +137,24 @@ def pallas_call(
     )
 
 
+_DETECT_RACES = False  # set by race_detection
+
+
+@contextlib.contextmanager
+def race_detection() -> Iterator[Callable[[], bool]]:
+    """Mosaic GPU kernels interpreted inside run jax's happens-before race detector; yields a
+    function that says whether it has reported a race (tests of the barrier protocols)."""
+    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as ipc
+
+    global _DETECT_RACES
+    saved, _DETECT_RACES = _DETECT_RACES, True
+    ipc.reset_gpu_interpret_mode_state()
+    try:
+        yield lambda: bool(ipc.get_races().races_found)
+    finally:
+        _DETECT_RACES = saved
+
+
 def mosaic_kernel(body: Callable[..., None], *, out_type: Any, grid: tuple[int, ...],
                   grid_names: tuple[str, ...], num_threads: int,
                   thread_name: str) -> Callable[..., Any]:
@@ -140,7 +167,7 @@ def mosaic_kernel(body: Callable[..., None], *, out_type: Any, grid: tuple[int, 
     if interpret_mode():
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
-        interpret = InterpretGPUParams()
+        interpret = InterpretGPUParams(detect_races=_DETECT_RACES)
     return mgpu.kernel(
         body,
         out_type=out_type,

@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import heapq
 import math
 from typing import Any
 
@@ -546,9 +547,10 @@ def _mosaic_rows(meta_ref, b, u0, *, geo: _MosaicGeometry, causal: bool):
     return n, jnp.where(any_valid, n_of(t_first), 0), jnp.where(any_valid, n_of(t_last), 0)
 
 
-def _mosaic_kernel(meta_ref, q_ref, k_ref, v_ref, out_refs, scratch, *, geo: _MosaicGeometry,
-                   cfg: AttentionConfig, causal: bool, c: float, n_splits: int):
-    """Warp-specialised attention: two compute warpgroups and one TMA producer per CTA.
+def _mosaic_kernel(meta_ref, sched_ref, q_ref, k_ref, v_ref, out_refs, scratch, *,
+                   geo: _MosaicGeometry, cfg: AttentionConfig, causal: bool, c: float,
+                   n_splits: int, n_bj: int, n_cta: int):
+    """Warp-specialised, persistent attention: two compute warpgroups and one TMA producer per CTA.
 
     The numerics are those of the module docstring with this kernel's own instructions: per block
     ``s = q k^T`` (wgmma, fp32; masked keys -inf), the integer running max
@@ -557,44 +559,74 @@ def _mosaic_kernel(meta_ref, q_ref, k_ref, v_ref, out_refs, scratch, *, geo: _Mo
     (the rescaled accumulator is the wgmma's accumulator). Splits of ``split_size`` keys fold as
     ``_fold``; the total's accumulator lives in SMEM (the registers are full beside a 128-key
     block) and split ``j`` joins it during the first q k^T of split ``j + 1``. Every path (prefill,
-    chunk, decode) runs this same block step, so the bits agree. ``n_splits == 0``: fold mode (one
-    CTA runs all splits of its rows and writes the output); otherwise split mode (CTA
-    ``(.., b * n_splits + j)`` writes the partial of split ``j`` for the Triton combine kernel).
+    chunk, decode) runs this same block step, so the bits agree. ``n_splits == 0``: fold mode (an
+    item is a row tile: its CTA runs all its splits and writes the output); otherwise split mode
+    (an item is one split ``j`` of a row tile; its partial goes to the Triton combine kernel).
+
+    Persistent (no numerics: an item's arithmetic does not depend on the CTA that runs it): each
+    of the ``n_cta`` CTAs runs a list of items in turn. Fold mode: CTA ``c`` runs
+    ``sched_ref[c, 1:1 + sched_ref[c, 0]]`` (``_mosaic_schedule``); split mode: a run of
+    consecutive items (the split index fastest, so q stays across a row tile's splits). The
+    producer loads the next item's first K/V block while the compute warpgroups finish the current
+    one, and its q once they no longer read theirs.
     """
     plgpu, lay = be.mgpu, be.mgpu.Layout.WGMMA
     bk, d, stages = cfg.block_k, geo.d, cfg.num_stages
     per_split = cfg.split_size // bk
     dtype = q_ref.dtype
-    pair, tb, bj = lax.axis_index("pair"), lax.axis_index("tblk"), lax.axis_index("bj")
-    if causal and not n_splits:  # the longest causal row tiles start first (the tail balances)
-        tb = geo.n_tblk - 1 - tb
-    wg = lax.axis_index("wg")
-    if n_splits:
-        b, j_only = lax.div(bj, jnp.int32(n_splits)), lax.rem(bj, jnp.int32(n_splits))
+    wg, cta = lax.axis_index("wg"), lax.axis_index("cta")
+    i32 = functools.partial(jnp.asarray, dtype=jnp.int32)
+    if n_splits:  # a run of consecutive items
+        n_items = geo.n_pairs * geo.n_tblk * n_bj
+        first = lax.div(cta * n_items, i32(n_cta))
+        n_mine = lax.div((cta + 1) * n_items, i32(n_cta)) - first
     else:
-        b, j_only = bj, None
+        n_mine = sched_ref[cta, 0]
 
-    def tile(w):  # (q2 head, first row slot) of compute warpgroup w
+    def item_index(k):  # the launch-order index of this CTA's item k (see ``_mosaic_schedule``)
+        return first + k if n_splits else sched_ref[cta, 1 + k]
+
+    def plan(k):
+        """(pair, tblk, b, split or None) of this CTA's item k."""
+        w = item_index(k)
+        j = None
+        if n_splits:
+            j, w = lax.rem(w, i32(n_splits)), lax.div(w, i32(n_splits))
+        pair, w = lax.rem(w, i32(geo.n_pairs)), lax.div(w, i32(geo.n_pairs))
+        tb, b = lax.rem(w, i32(geo.n_tblk)), lax.div(w, i32(geo.n_tblk))
+        if causal and not n_splits:  # the longest causal row tiles of a sequence first
+            tb = geo.n_tblk - 1 - tb
+        return pair, tb, b, j
+
+    def need_q(k):  # item k's rows differ from item k - 1's (split mode: a new row tile)
+        if not n_splits:
+            return jnp.bool_(True)
+        prev = item_index(jnp.maximum(k - 1, 0))
+        return (k == 0) | (lax.div(item_index(k), i32(n_splits)) != lax.div(prev, i32(n_splits)))
+
+    def tile(pair, tb, w):  # (q2 head, first row slot) of compute warpgroup w
         if geo.pair_heads:
             return 2 * pair + w, tb * _WG_ROWS
         return pair, tb * (geo.n_wg * _WG_ROWS) + w * _WG_ROWS
 
-    kvh = lax.div(tile(0)[0], jnp.int32(geo.group2))
-
-    def block_range(n_max):  # blocks [lo, hi) this CTA runs for rows with largest n n_max
-        hi = be.cdiv(n_max, jnp.int32(bk))
+    def block_range(j, n_max):  # blocks [lo, hi) of an item for rows with largest n n_max
+        hi = be.cdiv(n_max, i32(bk))
         if n_splits:
-            lo = j_only * per_split
+            lo = j * per_split
             return lo, jnp.maximum(jnp.minimum(hi, lo + per_split), lo)
-        return jnp.int32(0), hi
+        return i32(0), hi
 
-    ranges = [block_range(_mosaic_rows(meta_ref, b, tile(w)[1], geo=geo, causal=causal)[2])
-              for w in range(geo.n_wg)]
-    cta_lo, cta_hi = ranges[0][0], ranges[0][1]
-    if geo.n_wg == 2:
-        cta_hi = jnp.maximum(cta_hi, ranges[1][1])
-    (q_smem2, k_smem, v_smem, tot_smem2, ml_smem, p_smem2, k_bar, v_bar, q_bar, k_free, v_free,
-     turn) = scratch
+    def cta_range(pair, tb, b, j):  # blocks the CTA loads for an item (the union of its rows')
+        ranges = [block_range(j, _mosaic_rows(meta_ref, b, tile(pair, tb, w)[1], geo=geo,
+                                              causal=causal)[2]) for w in range(geo.n_wg)]
+        return ranges[0][0], functools.reduce(jnp.maximum, [r[1] for r in ranges])
+
+    (q_smem2, k_smem, v_smem, tot_smem2, ml_smem, p_smem2, k_bar, v_bar, q_bar, q_free, k_free,
+     v_free, turn) = scratch
+    if n_splits:
+        out_smem2 = None
+    else:  # fold mode: the output tile shares the total's SMEM (see ``_attend_mosaic``)
+        tot_smem2, out_smem2 = tot_smem2
 
     def take_turn():  # the two compute warpgroups alternate on the tensor cores
         if geo.n_wg == 2:
@@ -604,162 +636,199 @@ def _mosaic_kernel(meta_ref, q_ref, k_ref, v_ref, out_refs, scratch, *, geo: _Mo
     @be.when(wg < geo.n_wg)
     def _compute():
         plgpu.set_max_registers(232, action="increase")
-        h2, u0 = tile(wg)
-        n, n_min, n_max = _mosaic_rows(meta_ref, b, u0, geo=geo, causal=causal)
-        kv_len = meta_ref[b, 2]
-        lo, hi = block_range(n_max)
         q_smem, tot_smem = q_smem2.at[wg], tot_smem2.at[wg]
-        plgpu.copy_gmem_to_smem(q_ref.at[b, be.ds(u0, _WG_ROWS), h2], q_smem, q_bar.at[wg])
-        plgpu.barrier_wait(q_bar.at[wg])
 
-        def key_ok(i):  # [64, bk]: key i * bk + column is valid for the row (built where used)
-            kcol = plgpu.broadcasted_iota(jnp.int32, (_WG_ROWS, bk), 1, layout=lay)
-            return kcol < lax.broadcast_in_dim(n - i * bk, (_WG_ROWS, bk), [0])
+        def item(k, g):  # g: the CTA's K/V blocks before this item (the pipeline's position)
+            pair, tb, b, j_only = plan(k)
+            h2, u0 = tile(pair, tb, wg)
+            n, n_min, n_max = _mosaic_rows(meta_ref, b, u0, geo=geo, causal=causal)
+            kv_len = meta_ref[b, 2]
+            lo, hi = block_range(j_only, n_max)
+            cta_lo, cta_hi = cta_range(pair, tb, b, j_only)
 
-        def fresh():
-            return (
-                plgpu.layout_cast(jnp.full((_WG_ROWS,), _NEG_INF, jnp.float32), lay.reduce(1)),
-                plgpu.layout_cast(jnp.full((_WG_ROWS,), 0.0, jnp.float32), lay.reduce(1)),
-                plgpu.layout_cast(jnp.full((_WG_ROWS, d), 0.0, jnp.float32), lay),
-            )
+            def key_ok(i):  # [64, bk]: key i * bk + column is valid for the row (built where used)
+                kcol = plgpu.broadcasted_iota(jnp.int32, (_WG_ROWS, bk), 1, layout=lay)
+                return kcol < lax.broadcast_in_dim(n - i * bk, (_WG_ROWS, bk), [0])
 
-        def rows(x, like):  # [64] -> broadcast over the columns of ``like``
-            return lax.broadcast_in_dim(x, like.shape, [0])
+            def fresh():
+                return (
+                    plgpu.layout_cast(jnp.full((_WG_ROWS,), _NEG_INF, jnp.float32), lay.reduce(1)),
+                    plgpu.layout_cast(jnp.full((_WG_ROWS,), 0.0, jnp.float32), lay.reduce(1)),
+                    plgpu.layout_cast(jnp.full((_WG_ROWS, d), 0.0, jnp.float32), lay),
+                )
 
-        def fold(part, big, j):  # the running total (m, l in registers, acc in SMEM) += split j
-            big_a = plgpu.load(tot_smem, layout=lay)
-            m, l, a = _fold((*big, big_a), part, j * cfg.split_size < n)
-            tot_smem[...] = a
-            return m, l
+            def rows(x, like):  # [64] -> broadcast over the columns of ``like``
+                return lax.broadcast_in_dim(x, like.shape, [0])
 
-        def step(i, carry):
-            part, big = carry
-            slot = lax.rem(i, jnp.int32(stages))
-            plgpu.barrier_wait(k_bar.at[slot])
+            def fold(part, big, j):  # the running total (m, l in registers, acc in SMEM) += split j
+                big_a = plgpu.load(tot_smem, layout=lay)
+                m, l, a = _fold((*big, big_a), part, j * cfg.split_size < n)
+                tot_smem[...] = a
+                return m, l
 
-            def qk(acc_ref):
-                plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
-                take_turn()
-                if n_splits:
-                    return acc_ref[...], part, big
-                # fold mode: at the first block of split j > 0, split j - 1 joins the total
-                # while the tensor cores run this block's q k^T
-                new_split = (lax.rem(i, jnp.int32(per_split)) == 0) & (i > 0)
-                part2, big2 = lax.cond(
-                    new_split,
-                    lambda: (fresh(), fold(part, big, lax.div(i, jnp.int32(per_split)) - 1)),
-                    lambda: (part, big))
-                return acc_ref[...], part2, big2
+            def step(i, carry):
+                part, big = carry
+                slot = lax.rem(g + i - cta_lo, i32(stages))
+                plgpu.barrier_wait(k_bar.at[slot])
 
-            s, (m, l, acc), big = be.run_scoped(qk, plgpu.ACC((_WG_ROWS, bk), jnp.float32))
-            plgpu.barrier_arrive(k_free.at[slot])
-            s = lax.cond(
-                (i + 1) * bk > n_min,  # some row of the tile has keys of this block masked
-                lambda: jnp.where(key_ok(i), s, _NEG_INF),
-                lambda: s)
-            # max(s * c) == max(s) * c (c > 0, rounding is monotonic): one multiply per row
-            m_new = jnp.maximum(m, _ceil_exact(s.max(axis=1) * c))  # integer-valued (or -inf)
-            m_use = jnp.where(m_new == _NEG_INF, 0.0, m_new)
-            alpha = jnp.exp2(m - m_use)  # a power of two: alpha * state is exact
-            # s * c - m: one FMA (seen in the PTX, jax 0.11.2); every path compiles this step
-            p = jnp.exp2(s * c - rows(m_use, s))
-            l_new = alpha * l + p.sum(axis=1)
-            acc = acc * rows(alpha, acc)
-            p16 = p.astype(dtype)
-            if geo.n_wg == 2:
-                plgpu.barrier_arrive(turn)
-            plgpu.barrier_wait(v_bar.at[slot])
-            if geo.n_wg == 2:
-                plgpu.barrier_wait(turn)
+                def qk(acc_ref):
+                    plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+                    take_turn()
+                    if n_splits:
+                        return acc_ref[...], part, big
+                    # fold mode: at the first block of split j > 0, split j - 1 joins the total
+                    # while the tensor cores run this block's q k^T
+                    new_split = (lax.rem(i, i32(per_split)) == 0) & (i > 0)
+                    part2, big2 = lax.cond(
+                        new_split,
+                        lambda: (fresh(), fold(part, big, lax.div(i, i32(per_split)) - 1)),
+                        lambda: (part, big))
+                    return acc_ref[...], part2, big2
 
-            @be.when((i + 1) * bk > kv_len)  # slots past kv_len may hold NaN: p = 0 must win
-            def _():
-                v_blk = v_smem.at[slot]
-                vals = plgpu.load(v_blk, layout=lay)
-                key = plgpu.broadcasted_iota(jnp.int32, (bk, d), 0, layout=lay)
-                v_blk[...] = jnp.where(i * bk + key < kv_len, vals, jnp.zeros_like(vals))
-                plgpu.commit_smem()
+                s, (m, l, acc), big = be.run_scoped(qk, plgpu.ACC((_WG_ROWS, bk), jnp.float32))
+                plgpu.barrier_arrive(k_free.at[slot])
+                s = lax.cond(
+                    (i + 1) * bk > n_min,  # some row of the tile has keys of this block masked
+                    lambda: jnp.where(key_ok(i), s, _NEG_INF),
+                    lambda: s)
+                # max(s * c) == max(s) * c (c > 0, rounding is monotonic): one multiply per row
+                m_new = jnp.maximum(m, _ceil_exact(s.max(axis=1) * c))  # integer-valued (or -inf)
+                m_use = jnp.where(m_new == _NEG_INF, 0.0, m_new)
+                alpha = jnp.exp2(m - m_use)  # a power of two: alpha * state is exact
+                # s * c - m: one FMA (seen in the PTX, jax 0.11.2); every path compiles this step
+                p = jnp.exp2(s * c - rows(m_use, s))
+                l_new = alpha * l + p.sum(axis=1)
+                acc = acc * rows(alpha, acc)
+                p16 = p.astype(dtype)
+                if geo.n_wg == 2:
+                    plgpu.barrier_arrive(turn)
+                plgpu.barrier_wait(v_bar.at[slot])
+                if geo.n_wg == 2:
+                    plgpu.barrier_wait(turn)
 
-            acc = _mosaic_pv(acc, p16, v_smem.at[slot],
-                             None if p_smem2 is None else p_smem2.at[wg])
-            plgpu.barrier_arrive(v_free.at[slot])
-            return (m_new, l_new, acc), big
+                @be.when((i + 1) * bk > kv_len)  # slots past kv_len may hold NaN: p = 0 must win
+                def _():
+                    v_blk = v_smem.at[slot]
+                    vals = plgpu.load(v_blk, layout=lay)
+                    key = plgpu.broadcasted_iota(jnp.int32, (bk, d), 0, layout=lay)
+                    v_blk[...] = jnp.where(i * bk + key < kv_len, vals, jnp.zeros_like(vals))
+                    plgpu.commit_smem()
 
-        be.when(wg == 1)(take_turn)
-        if n_splits:  # split mode: one split, its partial goes to the combine kernel
-            (m, l, acc), _ = lax.fori_loop(lo, hi, step, (fresh(), ()))
-        else:  # fold mode
-            m, l, acc = fresh()
-            tot_smem[...] = acc
-            part, big = lax.fori_loop(0, hi, step, (fresh(), (m, l)))
-            last = jnp.maximum(be.cdiv(hi, jnp.int32(per_split)) - 1, 0)
-            m, l = fold(part, big, last)  # hi == 0: no row has keys, the fold keeps the zeros
-            acc = plgpu.load(tot_smem, layout=lay)
+                acc = _mosaic_pv(acc, p16, v_smem.at[slot],
+                                 None if p_smem2 is None else p_smem2.at[wg])
+                plgpu.barrier_arrive(v_free.at[slot])
+                return (m_new, l_new, acc), big
 
-        @be.loop(hi, cta_hi)  # blocks only the other warpgroup needs: take part in the protocol
-        def _drain(i):
-            slot = lax.rem(i, jnp.int32(stages))
-            plgpu.barrier_wait(k_bar.at[slot])
-            plgpu.barrier_arrive(k_free.at[slot])
-            plgpu.barrier_wait(v_bar.at[slot])
-            plgpu.barrier_arrive(v_free.at[slot])
-            take_turn()
-            take_turn()
-
-        be.when(wg == 0)(take_turn)
-        if n_splits:
-            m_ref, l_ref, acc_ref = out_refs
-            pid0 = b * geo.h2 + kvh  # the Triton combine's program index (one tile per KV head)
-            rows, rows4 = geo.u_valid, -(-geo.u_valid // 4) * 4  # TMA: 16-byte rows
-
-            @be.when(wg == 0)  # split mode: every valid row is in warpgroup 0 (u_valid <= 64)
-            def _():
+            be.when(need_q(k))(lambda: plgpu.barrier_wait(q_bar.at[wg]))
+            be.when(wg == 1)(take_turn)
+            if n_splits:  # split mode: one split, its partial goes to the combine kernel
+                (m, l, acc), _ = lax.fori_loop(lo, hi, step, (fresh(), ()))
+            else:  # fold mode
+                m, l, acc = fresh()
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last output left the SMEM
                 tot_smem[...] = acc
+                part, big = lax.fori_loop(0, hi, step, (fresh(), (m, l)))
+
+            @be.when(k + 1 < n_mine)
+            def _():  # this warpgroup's q k^T are done: the producer may load the next rows
+                be.when(need_q(k + 1))(lambda: plgpu.barrier_arrive(q_free))
+
+            if not n_splits:
+                last = jnp.maximum(be.cdiv(hi, i32(per_split)) - 1, 0)
+                m, l = fold(part, big, last)  # hi == 0: no row has keys, the fold keeps the zeros
+                acc = plgpu.load(tot_smem, layout=lay)
+
+            @be.loop(hi, cta_hi)  # blocks only the other warpgroup needs: take part in the protocol
+            def _drain(i):
+                slot = lax.rem(g + i - cta_lo, i32(stages))
+                plgpu.barrier_wait(k_bar.at[slot])
+                plgpu.barrier_arrive(k_free.at[slot])
+                plgpu.barrier_wait(v_bar.at[slot])
+                plgpu.barrier_arrive(v_free.at[slot])
+                take_turn()
+                take_turn()
+
+            be.when(wg == 0)(take_turn)
+            if n_splits:
+                m_ref, l_ref, acc_ref = out_refs
+                pid0 = b * geo.h2 + lax.div(h2, i32(geo.group2))  # the combine's program index
+                rows_, rows4 = geo.u_valid, -(-geo.u_valid // 4) * 4  # TMA: 16-byte rows
+
+                @be.when(wg == 0)  # split mode: every valid row is in warpgroup 0 (u_valid <= 64)
+                def _():
+                    tot_smem[...] = acc
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(tot_smem.at[be.ds(0, rows_)],
+                                            acc_ref.at[pid0, 0, j_only, be.ds(0, rows_)])
+                    # m and l go through rows 0 and 1 of the same buffer (SMEM is full)
+                    m_smem, l_smem = ml_smem.at[0], ml_smem.at[1]
+                    m_smem[...] = m
+                    l_smem[...] = l
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(m_smem.at[be.ds(0, rows4)],
+                                            m_ref.at[pid0, 0, j_only, be.ds(0, rows4)])
+                    plgpu.copy_smem_to_gmem(l_smem.at[be.ds(0, rows4)],
+                                            l_ref.at[pid0, 0, j_only, be.ds(0, rows4)])
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # before the next partial
+            else:
+                out_smem = out_smem2.at[wg, 0]
+                plgpu.commit_smem()  # every thread has read the total before the output aliases it
+                out_smem[...] = _finalize((m, l, acc)).astype(dtype)
                 plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(tot_smem.at[be.ds(0, rows)],
-                                        acc_ref.at[pid0, 0, j_only, be.ds(0, rows)])
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                # m and l go through rows 0 and 1 of the same buffer (SMEM is full)
-                m_smem, l_smem = ml_smem.at[0], ml_smem.at[1]
-                m_smem[...] = m
-                l_smem[...] = l
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(m_smem.at[be.ds(0, rows4)],
-                                        m_ref.at[pid0, 0, j_only, be.ds(0, rows4)])
-                plgpu.copy_smem_to_gmem(l_smem.at[be.ds(0, rows4)],
-                                        l_ref.at[pid0, 0, j_only, be.ds(0, rows4)])
-                plgpu.wait_smem_to_gmem(0)
-        else:
-            q_smem[...] = _finalize((m, l, acc)).astype(dtype)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(q_smem, out_refs[0].at[b, be.ds(u0, _WG_ROWS), h2])
-            plgpu.wait_smem_to_gmem(0)
+                plgpu.copy_smem_to_gmem(out_smem, out_refs[0].at[b, be.ds(u0, _WG_ROWS), h2])
+            return g + (cta_hi - cta_lo)
+
+        lax.fori_loop(0, n_mine, item, i32(0))
+        plgpu.wait_smem_to_gmem(0)
 
     @be.when(wg == geo.n_wg)
     def _producer():
         plgpu.set_max_registers(40, action="decrease")
 
-        @be.loop(cta_lo, cta_hi)
-        def _load(i):
-            slot = lax.rem(i, jnp.int32(stages))
-            src = (b, be.ds(i * bk, bk), kvh)
-            reuse = i - cta_lo >= stages
+        def item(k, g):
+            pair, tb, b, j_only = plan(k)
+            cta_lo, cta_hi = cta_range(pair, tb, b, j_only)
+            kvh = lax.div(tile(pair, tb, 0)[0], i32(geo.group2))
 
-            @be.when(reuse)
-            def _():
-                plgpu.barrier_wait(k_free.at[slot])
+            def load(i):
+                gi = g + i - cta_lo
+                slot = lax.rem(gi, i32(stages))
+                src = (b, be.ds(i * bk, bk), kvh)
 
-            plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot], k_bar.at[slot])
+                @be.when(gi >= stages)
+                def _():
+                    plgpu.barrier_wait(k_free.at[slot])
 
-            @be.when(reuse)
-            def _():
-                plgpu.barrier_wait(v_free.at[slot])
+                plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot], k_bar.at[slot])
 
-            plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[slot], v_bar.at[slot])
+                @be.when(gi >= stages)
+                def _():
+                    plgpu.barrier_wait(v_free.at[slot])
 
-        @be.loop(jnp.maximum(cta_hi - stages, cta_lo), cta_hi)
-        def _last(i):  # see the last slots released before the CTA's barriers go away
-            slot = lax.rem(i, jnp.int32(stages))
+                plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[slot], v_bar.at[slot])
+
+            def load_q():
+                for w in range(geo.n_wg):
+                    h2, u0 = tile(pair, tb, w)
+                    plgpu.copy_gmem_to_smem(q_ref.at[b, be.ds(u0, _WG_ROWS), h2], q_smem2.at[w],
+                                            q_bar.at[w])
+
+            be.when(k == 0)(load_q)
+            be.when(cta_hi > cta_lo)(lambda: load(cta_lo))  # in flight while the last item ends
+
+            @be.when((k > 0) & need_q(k))
+            def _():  # once the compute warpgroups are done with the last item's q
+                plgpu.barrier_wait(q_free)
+                load_q()
+
+            be.loop(cta_lo + 1, cta_hi)(load)
+            return g + (cta_hi - cta_lo)
+
+        g_end = lax.fori_loop(0, n_mine, item, i32(0))
+
+        @be.loop(jnp.maximum(g_end - stages, 0), g_end)
+        def _last(gi):  # see the last slots released before the CTA's barriers go away
+            slot = lax.rem(gi, i32(stages))
             plgpu.barrier_wait(k_free.at[slot])
             plgpu.barrier_wait(v_free.at[slot])
 
@@ -782,6 +851,37 @@ def _mosaic_pv(acc, p16, v_smem, p_smem):
         return r[...]
 
     return acc + be.run_scoped(pv, plgpu.ACC(acc.shape, jnp.float32))
+
+
+def _mosaic_schedule(geo: _MosaicGeometry, *, nb: int, n_cta: int, causal: bool, tq: int, tk: int,
+                     bk: int) -> np.ndarray:
+    """Fold mode's work lists for the persistent kernel: ``[n_cta, 1 + most]`` int32, row ``c`` =
+    (count, items). Items are numbered in launch order: the head pair fastest, then the row tile
+    (causal: longest first) and the batch row, the order a one-item-per-CTA grid would launch them,
+    which keeps the CTAs in flight on one sequence's K/V in L2. Each item in turn goes to the CTA
+    that would be free first (the blocks of its tile from the shapes, as if the queries were the
+    last ``tq`` of ``tk`` keys, plus one for the item's start), as the hardware's block scheduler
+    would. Only the speed depends on this table, never the bits. (Split mode needs no table: its
+    items are equal, each CTA takes a run of consecutive ones.)
+    """
+    rows = _WG_ROWS if geo.pair_heads else geo.n_wg * _WG_ROWS  # row slots per item
+    cost = []
+    for tb in range(geo.n_tblk):
+        t_last = min(geo.u_valid, (tb + 1) * rows) // geo.r - 1  # the tile's last token
+        keys = min(tk, max(tk - tq, 0) + t_last + 1) if causal else tk
+        cost.append(-(-keys // bk) + 1)
+    lists: list[list[int]] = [[] for _ in range(n_cta)]
+    heap = [(0, c) for c in range(n_cta)]
+    for w in range(geo.n_pairs * geo.n_tblk * nb):
+        tb = (w // geo.n_pairs) % geo.n_tblk
+        free_at, cta = heapq.heappop(heap)
+        lists[cta].append(w)
+        heapq.heappush(heap, (free_at + cost[geo.n_tblk - 1 - tb if causal else tb], cta))
+    table = np.zeros((n_cta, 1 + max(map(len, lists))), np.int32)
+    for c, items in enumerate(lists):
+        table[c, 0] = len(items)
+        table[c, 1:1 + len(items)] = items
+    return table
 
 
 def _attend_mosaic(q, k, v, meta, *, causal, c, cfg):
@@ -815,16 +915,23 @@ def _attend_mosaic(q, k, v, meta, *, causal, c, cfg):
     swizzle = min(128, d * itemsize)
     tr = (be.mgpu.TilingTransform((8, swizzle // itemsize)), be.mgpu.SwizzleTransform(swizzle))
     st, bk = cfg.num_stages, cfg.block_k
+    tot = be.mgpu.SMEM((n_wg, _WG_ROWS, d), jnp.float32)  # partial acc / running total
+    # fold mode: the output tile [w, 0] lies in the bytes of total w (the first half), which are
+    # free when it is written. Separate buffers in interpret mode: its race detector does not
+    # tell the parts of a union apart.
+    out = be.mgpu.SMEM((n_wg, 2, _WG_ROWS, d), dt, transforms=tr)
+    union = not be.interpret_mode()
     scratch = (
         be.mgpu.SMEM((n_wg, _WG_ROWS, d), dt, transforms=tr),  # q, then the output
         be.mgpu.SMEM((st, bk, d), dt, transforms=tr),  # k
         be.mgpu.SMEM((st, bk, d), dt, transforms=tr),  # v
-        be.mgpu.SMEM((n_wg, _WG_ROWS, d), jnp.float32),  # running total / partial acc
+        tot if split else be.mgpu.RefUnion(tot, out) if union else (tot, out),
         be.mgpu.SMEM((2, _WG_ROWS), jnp.float32) if split else None,  # partial m, l
         be.mgpu.SMEM((n_wg, _WG_ROWS, bk), dt, transforms=tr) if be.interpret_mode() else None,
         be.mgpu.Barrier(num_barriers=st),  # k loaded
         be.mgpu.Barrier(num_barriers=st),  # v loaded
         be.mgpu.Barrier(num_barriers=n_wg),  # q loaded
+        be.mgpu.Barrier(num_arrivals=n_wg),  # q free (the q k^T of an item are done)
         be.mgpu.Barrier(num_arrivals=n_wg, num_barriers=st),  # k slot free
         be.mgpu.Barrier(num_arrivals=n_wg, num_barriers=st),  # v slot free
         be.mgpu.Barrier(num_arrivals=2) if n_wg == 2 else None,  # tensor-core turn
@@ -838,17 +945,24 @@ def _attend_mosaic(q, k, v, meta, *, causal, c, cfg):
     else:
         out_type = (jax.ShapeDtypeStruct(q2.shape, dt),)
 
-    def entry(meta_ref, q_ref, k_ref, v_ref, *outs):
+    n_bj = nb * max(n_splits, 1)
+    n_cta = min(geo.n_pairs * geo.n_tblk * n_bj, be.sm_count())  # persistent: one CTA per SM
+    sched = () if split else (jnp.asarray(_mosaic_schedule(
+        geo, nb=nb, n_cta=n_cta, causal=causal, tq=tq, tk=tk, bk=bk)),)
+
+    def entry(meta_ref, *refs):
+        sched_ref = None if split else refs[0]
+        q_ref, k_ref, v_ref, *outs = refs[len(sched):]
         be.run_scoped(
-            lambda *sc: _mosaic_kernel(meta_ref, q_ref, k_ref, v_ref, outs, sc, geo=geo, cfg=cfg,
-                                       causal=causal, c=c, n_splits=n_splits),
+            lambda *sc: _mosaic_kernel(meta_ref, sched_ref, q_ref, k_ref, v_ref, outs, sc, geo=geo,
+                                       cfg=cfg, causal=causal, c=c, n_splits=n_splits, n_bj=n_bj,
+                                       n_cta=n_cta),
             *scratch, collective_axes="wg")
 
     res = be.mosaic_kernel(
-        entry, out_type=out_type,
-        grid=(geo.n_pairs, geo.n_tblk, nb * max(n_splits, 1)),
-        grid_names=("pair", "tblk", "bj"), num_threads=n_wg + 1, thread_name="wg",
-    )(meta, q2, k, v)
+        entry, out_type=out_type, grid=(n_cta,), grid_names=("cta",), num_threads=n_wg + 1,
+        thread_name="wg",
+    )(meta, *sched, q2, k, v)
     if split:
         geo_c = _geometry(q.shape, (nb, tk, hkv, d), 1 << (u_valid - 1).bit_length())
         return be.pallas_call(

@@ -10,6 +10,7 @@ tests run the contracts at realistic sizes with the default config on a GPU.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import sys
 
@@ -29,6 +30,7 @@ from bi_jax.attention import (
     shipped_configs,
 )
 
+am = importlib.import_module("bi_jax.attention")  # the module (``bi_jax.attention`` is the function)
 IMPLS = ("pallas", "reference")
 # Small blocks so that a few dozen tokens cross several blocks and splits.
 CFG = AttentionConfig(block_q=16, block_k=16, split_size=32)
@@ -427,11 +429,15 @@ def test_shipped_configs_lower_for_cuda(d, dtype, cfg):
             assert be.triton_kernel_count(exported) >= 2
 
 
-def test_mosaic_kernel_keeps_the_contract_in_interpret_mode():
+@pytest.mark.parametrize("ctas", [None, 3, 1], ids=["one item per CTA", "3 CTAs", "1 CTA"])
+def test_mosaic_kernel_keeps_the_contract_in_interpret_mode(ctas, monkeypatch):
     """The Mosaic GPU kernel (GPU interpret mode on the CPU): a full prefill, chunks (packed and
     token-tiled rows, split and fold mode) and single-token decode steps over a larger cache with
     NaN past the lengths give the same bits; the result is within the reference's error of a
-    float64 softmax attention."""
+    float64 softmax attention. The persistent CTAs walk several items each when there are fewer
+    of them than items (``ctas``), reusing q across the splits of one row tile."""
+    if ctas is not None:
+        monkeypatch.setattr(be, "sm_count", lambda: ctas)
     cfg = AttentionConfig(block_q=64, block_k=128, split_size=512, num_stages=2, kernel="mosaic")
     t, hq, hkv, d = 600, 4, 2, 64
     q, k, v = qkv(1, t, t, hq, hkv, d, jnp.bfloat16)
@@ -448,6 +454,43 @@ def test_mosaic_kernel_keeps_the_contract_in_interpret_mode():
         out = decode_attention(q[:, lo:hi], with_garbage(kc, [hi]), with_garbage(vc, [hi]),
                                jnp.array([hi]), implementation="pallas", config=cfg)
         testing.assert_bitwise_equal(np.asarray(out)[0], full[0, lo:hi], what=f"tokens {lo}..{hi}")
+
+
+@pytest.mark.parametrize("ctas", [3, 1])
+def test_mosaic_kernel_has_no_data_races(ctas, monkeypatch):
+    """jax's race detector (GPU interpret mode) finds no unordered SMEM/GMEM accesses in the
+    persistent kernel's barrier protocol when CTAs run several items: fold-mode prefill (the
+    output tile in the total's SMEM, q reloaded per item) and split-mode decode (q kept across
+    the splits of one row tile); the decoded token equals its prefill row."""
+    monkeypatch.setattr(be, "sm_count", lambda: ctas)
+    cfg = AttentionConfig(block_q=64, block_k=128, split_size=256, num_stages=2, kernel="mosaic")
+    q, k, v = qkv(1, 300, 300, 4, 2, 64, jnp.bfloat16)
+    with be.race_detection() as races_found:
+        full = np.asarray(attention(q, k, v, implementation="pallas", config=cfg))
+        assert not races_found(), "prefill"
+        out = decode_attention(q[:, 290:291], k, v, jnp.array([291]), implementation="pallas",
+                               config=cfg)
+        assert not races_found(), "decode"
+    testing.assert_bitwise_equal(np.asarray(out)[0], full[0, 290:291], what="decode vs prefill")
+
+
+@pytest.mark.parametrize("b,t,hq,hkv,ctas", [(8, 1024, 32, 8, 132), (1, 300, 4, 2, 3),
+                                              (2, 70, 12, 4, 5)])
+def test_mosaic_schedule_runs_every_item_once_and_balances(b, t, hq, hkv, ctas):
+    """The fold-mode work lists hold every item exactly once; for a causal prefill the busiest
+    CTA's estimated work is within one item of the mean (the lists fill the CTA that frees first)."""
+    cfg = am._mosaic_config()
+    geo = am._MosaicGeometry(u=-(-t // 8) * 8, u_valid=t, h2=hq, group2=hq // hkv, r=1, group=1,
+                             d=128, n_wg=2)
+    n_items = geo.n_pairs * geo.n_tblk * b
+    table = am._mosaic_schedule(geo, nb=b, n_cta=min(ctas, n_items), causal=True, tq=t, tk=t,
+                                bk=cfg.block_k)
+    items = np.concatenate([row[1:1 + row[0]] for row in table])
+    assert np.array_equal(np.sort(items), np.arange(n_items))
+    tile = geo.n_tblk - 1 - (np.arange(n_items) // geo.n_pairs) % geo.n_tblk  # longest first
+    cost = -(-np.minimum(t, (tile + 1) * 64) // cfg.block_k) + 1  # its key blocks, plus one
+    work = np.array([cost[row[1:1 + row[0]]].sum() for row in table])
+    assert work.max() - work.mean() <= cost.max()
 
 
 # ------------------------------------------------------------------------ GPU, realistic sizes
