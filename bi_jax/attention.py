@@ -51,7 +51,9 @@ Invariance:
   (the running total's accumulator in SMEM, beside the registers of a 128-key block) for every
   geometry (token tiles or heads packed as rows: bit-neutral) and in split mode for
   decode, whose partials the Triton combine folds with the Mosaic kernel's ``exp2``; prefill,
-  chunks and decode agree bitwise with each other, not with the Triton kernel.
+  chunks and decode agree bitwise with each other, not with the Triton kernel. The kernel is
+  persistent (one CTA per SM walks a list of row tiles or splits); which CTA runs a tile never
+  changes its arithmetic.
 """
 
 from __future__ import annotations
