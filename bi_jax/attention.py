@@ -588,10 +588,10 @@ def _mosaic_kernel(meta_ref, sched_ref, q_ref, k_ref, v_ref, out_refs, scratch, 
     dtype = q_ref.dtype
     wg, cta = lax.axis_index("wg"), lax.axis_index("cta")
     i32 = functools.partial(jnp.asarray, dtype=jnp.int32)
-    if n_splits:  # a run of consecutive items
-        n_items = geo.n_pairs * geo.n_tblk * n_bj
-        first = lax.div(cta * n_items, i32(n_cta))
-        n_mine = lax.div((cta + 1) * n_items, i32(n_cta)) - first
+    if n_splits:  # a run of consecutive items, the first ``rest`` CTAs one more
+        per, rest = divmod(geo.n_pairs * geo.n_tblk * n_bj, n_cta)
+        first = cta * per + jnp.minimum(cta, rest)
+        n_mine = per + (cta < rest).astype(jnp.int32)
     else:
         n_mine = sched_ref[cta, 0]
 
