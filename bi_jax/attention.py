@@ -650,6 +650,16 @@ def _mosaic_kernel(meta_ref, sched_ref, q_ref, k_ref, v_ref, out_refs, scratch, 
         plgpu.set_max_registers(232, action="increase")
         q_smem, tot_smem = q_smem2.at[wg], tot_smem2.at[wg]
 
+        def fresh():
+            return (
+                plgpu.layout_cast(jnp.full((_WG_ROWS,), _NEG_INF, jnp.float32), lay.reduce(1)),
+                plgpu.layout_cast(jnp.full((_WG_ROWS,), 0.0, jnp.float32), lay.reduce(1)),
+                plgpu.layout_cast(jnp.full((_WG_ROWS, d), 0.0, jnp.float32), lay),
+            )
+
+        def rows(x, like):  # [64] -> broadcast over the columns of ``like``
+            return lax.broadcast_in_dim(x, like.shape, [0])
+
         def item(k, g):  # g: the CTA's K/V blocks before this item (the pipeline's position)
             pair, tb, b, j_only = plan(k)
             h2, u0 = tile(pair, tb, wg)
@@ -661,16 +671,6 @@ def _mosaic_kernel(meta_ref, sched_ref, q_ref, k_ref, v_ref, out_refs, scratch, 
             def key_ok(i):  # [64, bk]: key i * bk + column is valid for the row (built where used)
                 kcol = plgpu.broadcasted_iota(jnp.int32, (_WG_ROWS, bk), 1, layout=lay)
                 return kcol < lax.broadcast_in_dim(n - i * bk, (_WG_ROWS, bk), [0])
-
-            def fresh():
-                return (
-                    plgpu.layout_cast(jnp.full((_WG_ROWS,), _NEG_INF, jnp.float32), lay.reduce(1)),
-                    plgpu.layout_cast(jnp.full((_WG_ROWS,), 0.0, jnp.float32), lay.reduce(1)),
-                    plgpu.layout_cast(jnp.full((_WG_ROWS, d), 0.0, jnp.float32), lay),
-                )
-
-            def rows(x, like):  # [64] -> broadcast over the columns of ``like``
-                return lax.broadcast_in_dim(x, like.shape, [0])
 
             def fold(part, big, j):  # the running total (m, l in registers, acc in SMEM) += split j
                 big_a = plgpu.load(tot_smem, layout=lay)
@@ -934,7 +934,7 @@ def _attend_mosaic(q, k, v, meta, *, causal, c, cfg):
     out = be.mgpu.SMEM((n_wg, 2, _WG_ROWS, d), dt, transforms=tr)
     union = not be.interpret_mode()
     scratch = (
-        be.mgpu.SMEM((n_wg, _WG_ROWS, d), dt, transforms=tr),  # q, then the output
+        be.mgpu.SMEM((n_wg, _WG_ROWS, d), dt, transforms=tr),  # q
         be.mgpu.SMEM((st, bk, d), dt, transforms=tr),  # k
         be.mgpu.SMEM((st, bk, d), dt, transforms=tr),  # v
         tot if split else be.mgpu.RefUnion(tot, out) if union else (tot, out),
