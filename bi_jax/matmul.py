@@ -67,12 +67,19 @@ class MatmulConfig:
     num_stages: int = 3
     group_m: int = 8  # programs along M that share a band of B columns (L2 reuse); no numerics
     split_k: bool = False  # one program per (tile, K chunk) + an ordered sum kernel; no numerics
+    kernel: str = "triton"  # "mosaic": the Hopper kernel (block_m 128, no bias); no numerics
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_k"):
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
                 raise ValueError(f"MatmulConfig.{name}={v} must be a power of two >= 16")
+        if self.kernel not in ("triton", "mosaic"):
+            raise ValueError(f"MatmulConfig.kernel={self.kernel!r} must be 'triton' or 'mosaic'")
+        if self.kernel == "mosaic" and (self.block_m != 2 * _MOSAIC_WG_ROWS
+                                        or self.block_n not in (128, 256) or self.split_k):
+            raise ValueError(f"MatmulConfig: the Mosaic kernel needs block_m=128, block_n 128 or "
+                             f"256 and split_k=False, got {self}")
 
 
 _BLOCK_K = {jnp.dtype(jnp.bfloat16): 64, jnp.dtype(jnp.float16): 64, jnp.dtype(jnp.float32): 32}
@@ -86,12 +93,29 @@ _K_CHUNK = 8192
 def matmul_config(m: int, n: int, k: int, dtype: Any) -> MatmulConfig:
     """The tile policy: follows M, N and K (bit-neutral), with ``block_k`` fixed per dtype.
 
-    Tuned on an H100 (bf16, Llama-3-8B projection shapes, every candidate bitwise equal): narrow
-    tiles with deep pipelines while the weights dominate; one program per (tile, K chunk)
-    (``split_k``) when K has several chunks and M is too small to fill the machine with tiles;
-    once M fills it, 128x256 or 128x128 tiles with 8 warps, whichever wastes less of the last wave
-    of tiles over the SMs (a 128x128 tile does half the work at ~0.86 of the rate).
+    Tuned on an H100 (bf16, Llama-3-8B projection shapes, every candidate bitwise equal). On
+    Hopper, bf16/fp16 with M > 128 (M > 256 when K has several chunks) runs the Mosaic GPU kernel:
+    128x256 or 128x128 tiles, whichever wastes less of the last wave of tiles over the SMs (a
+    128x128 tile does half the work at ~0.86 of the rate), 128x128 when K has several chunks (the
+    running total needs registers beside the accumulator). Otherwise the Triton kernel
+    (``_triton_config``).
     """
+    dtype = jnp.dtype(dtype)
+    if (be.is_hopper() and m > (256 if k > _K_CHUNK else 128)
+            and _mosaic_supported(m, n, k, dtype)):
+        wide, narrow = (MatmulConfig(128, bn, _BLOCK_K[dtype], num_stages=st, kernel="mosaic")
+                        for bn, st in ((256, 4), (128, 6)))
+        if k > _K_CHUNK or 2 * _waves(m, n, wide) * _SMALL_TILE_RATE > _waves(m, n, narrow):
+            return narrow
+        return wide
+    return _triton_config(m, n, k, dtype)
+
+
+def _triton_config(m: int, n: int, k: int, dtype: Any) -> MatmulConfig:
+    """The Triton kernel's tile policy: narrow tiles with deep pipelines while the weights
+    dominate; one program per (tile, K chunk) (``split_k``) when K has several chunks and M is too
+    small to fill the machine with tiles; once M fills it, 128x256 or 128x128 tiles with 8 warps,
+    whichever wastes less of the last wave (as ``matmul_config``)."""
     dtype = jnp.dtype(dtype)
     bk = _BLOCK_K[dtype]
     wide = n > 8192
@@ -278,6 +302,11 @@ def _bmm_pallas(a, b, bias, *, out_dtype, precision, config):
                   block_k=cfg.block_k, group_m=cfg.group_m, k_chunk=k_chunk)
     tiles = be.cdiv(m, cfg.block_m) * be.cdiv(n, cfg.block_n)
     operands = (a, b) if bias is None else (a, b, bias)
+    if cfg.kernel == "mosaic":
+        if bias is None and _mosaic_supported(m, n, k, a.dtype):
+            return _bmm_mosaic(a, b, out_dtype=out_dtype, cfg=cfg)
+        # a bias or a shape the TMA cannot tile: the Triton kernel, whose bits are the same
+        cfg = _triton_config(m, n, k, a.dtype)
     if not cfg.split_k or chunks == 1:
         return be.pallas_call(
             functools.partial(_fused_kernel, has_bias=bias is not None, **params),
@@ -303,6 +332,162 @@ def _bmm_pallas(a, b, bias, *, out_dtype, precision, config):
         num_stages=1,
         name="bi_jax_matmul_split_k_sum",
     )(partials, *(() if bias is None else (bias,)))
+
+
+# ------------------------------------------------------------------------- Mosaic GPU (Hopper)
+
+_MOSAIC_WG_ROWS = 64  # rows of one wgmma accumulator (one compute warpgroup)
+_MOSAIC_EPI_COLS = 64  # the epilogue stores the output in [64, 64] pieces (two SMEM slots)
+
+
+def _mosaic_supported(m: int, n: int, k: int, dtype: Any) -> bool:
+    """Shapes the Mosaic kernel takes: bf16/fp16, K and N multiples of the TMA's 64-element
+    (128-byte) swizzle tile, and at least one full tile in each dimension (a block never exceeds
+    its array). M is padded to a multiple of 8 (the TMA's row tile) by the launcher."""
+    return (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+            and k % 64 == 0 and n % 64 == 0 and m >= 128 and n >= 256)
+
+
+def _mosaic_kernel(a_ref, b_ref, o_ref, scratch, *, m, n, k, cfg, k_chunk, n_cta):
+    """Warp-specialised, persistent matmul: two compute warpgroups (64 rows each) and one TMA
+    producer per CTA; CTA ``c`` runs tiles ``c, c + n_cta, ...`` (grouped along M as
+    ``_tile_coords``; no numerics). The arithmetic is ``_fused_kernel``'s: per K chunk a fresh
+    fp32 accumulator takes the chunk's ``block_k`` blocks in ascending order (wgmma, chained into
+    the accumulator), and ``total = ((0 + p0) + p1) + ...`` is rounded once."""
+    plgpu = be.mgpu
+    a_smem, b_smem, o_smem, a_bar, b_bar, free = scratch
+    bm, bn, bk, stages = cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_stages
+    i32 = functools.partial(jnp.asarray, dtype=jnp.int32)
+    n_blocks, per_chunk = be.cdiv(k, bk), k_chunk // bk
+    chunks = be.cdiv(k, k_chunk)
+    tiles_m, tiles_n = be.cdiv(m, bm), be.cdiv(n, bn)
+    per_batch = tiles_m * tiles_n
+    n_tiles = o_ref.shape[0] * per_batch
+    wg, cta = lax.axis_index("wg"), lax.axis_index("cta")
+    n_mine = lax.div(i32(n_tiles) - cta + n_cta - 1, i32(n_cta))
+
+    def coords(t):  # (batch, first row, first column) of this CTA's tile t
+        g = cta + t * n_cta
+        batch, g = lax.div(g, i32(per_batch)), lax.rem(g, i32(per_batch))
+        pid_m, pid_n = _tile_coords(g, m, n, bm, bn, cfg.group_m)
+        return batch, pid_m * bm, pid_n * bn
+
+    @be.when(wg < 2)
+    def _compute():
+        plgpu.set_max_registers(232, action="increase")
+        lay = plgpu.Layout.WGMMA
+        rows = be.ds(wg * _MOSAIC_WG_ROWS, _MOSAIC_WG_ROWS)
+
+        def tile(t, _):
+            batch, row0, col0 = coords(t)
+
+            def chunk(c, total):
+                first = c * per_chunk
+                count = jnp.minimum(per_chunk, n_blocks - first)
+
+                def mma(acc_ref):
+                    @be.loop(0, count)
+                    def _(i):
+                        g = (t * n_blocks + first + i)
+                        slot = lax.rem(g, i32(stages))
+                        plgpu.barrier_wait(a_bar.at[slot])
+                        plgpu.barrier_wait(b_bar.at[slot])
+                        plgpu.wgmma(acc_ref, a_smem.at[slot, rows], b_smem.at[slot])
+                        plgpu.wgmma_wait(1)  # the previous block's wgmma is done: free its slot
+
+                        @be.when(i > 0)
+                        def _():
+                            plgpu.barrier_arrive(free.at[lax.rem(g + stages - 1, i32(stages))])
+
+                    plgpu.wgmma_wait(0)
+                    last = t * n_blocks + first + count - 1
+                    plgpu.barrier_arrive(free.at[lax.rem(last, i32(stages))])
+                    return acc_ref[...]
+
+                return total + be.run_scoped(mma, plgpu.ACC((_MOSAIC_WG_ROWS, bn), jnp.float32))
+
+            zero = plgpu.layout_cast(jnp.full((_MOSAIC_WG_ROWS, bn), 0.0, jnp.float32), lay)
+            total = lax.fori_loop(0, chunks, chunk, zero)
+            out = total.astype(o_ref.dtype)
+            for j in range(bn // _MOSAIC_EPI_COLS):
+                piece = o_smem.at[wg, j % 2]
+                plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # this slot's last store left
+                piece[...] = out[:, j * _MOSAIC_EPI_COLS:(j + 1) * _MOSAIC_EPI_COLS]
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(
+                    piece, o_ref.at[batch, be.ds(row0 + wg * _MOSAIC_WG_ROWS, _MOSAIC_WG_ROWS),
+                                    be.ds(col0 + j * _MOSAIC_EPI_COLS, _MOSAIC_EPI_COLS)])
+            return _
+
+        lax.fori_loop(0, n_mine, tile, None)
+        plgpu.wait_smem_to_gmem(0)
+
+    @be.when(wg == 2)
+    def _producer():
+        plgpu.set_max_registers(40, action="decrease")
+
+        def tile(t, _):
+            batch, row0, col0 = coords(t)
+
+            @be.loop(0, n_blocks)
+            def _(i):
+                g = t * n_blocks + i
+                slot = lax.rem(g, i32(stages))
+
+                @be.when(g >= stages)
+                def _():
+                    plgpu.barrier_wait(free.at[slot])
+
+                ks = be.ds(i * bk, bk)
+                plgpu.copy_gmem_to_smem(a_ref.at[batch, be.ds(row0, bm), ks], a_smem.at[slot],
+                                        a_bar.at[slot])
+                plgpu.copy_gmem_to_smem(b_ref.at[batch, ks, be.ds(col0, bn)], b_smem.at[slot],
+                                        b_bar.at[slot])
+            return _
+
+        lax.fori_loop(0, n_mine, tile, None)
+        g_end = n_mine * n_blocks
+
+        @be.loop(jnp.maximum(g_end - stages, 0), g_end)
+        def _last(g):  # see the last slots released before the CTA's barriers go away
+            plgpu.barrier_wait(free.at[lax.rem(g, i32(stages))])
+
+
+def _bmm_mosaic(a, b, *, out_dtype, cfg):
+    """Launcher of ``_mosaic_kernel``: a [B, M, K], b [B, K, N] -> [B, M, N] (no bias)."""
+    nb, m, k = a.shape
+    n = b.shape[2]
+    if m % 8:  # rows are independent: zero rows in, their outputs dropped
+        return _bmm_mosaic(jnp.pad(a, ((0, 0), (0, -m % 8), (0, 0))), b, out_dtype=out_dtype,
+                           cfg=cfg)[:, :m]
+    dt = a.dtype
+    itemsize = jnp.dtype(dt).itemsize
+    tr = (be.mgpu.TilingTransform((8, 128 // itemsize)), be.mgpu.SwizzleTransform(128))
+    out_item = jnp.dtype(out_dtype).itemsize
+    out_tr = (be.mgpu.TilingTransform((8, 128 // out_item)), be.mgpu.SwizzleTransform(128)) \
+        if _MOSAIC_EPI_COLS * out_item >= 128 else ()
+    bm, bn, bk, st = cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_stages
+    scratch = (
+        be.mgpu.SMEM((st, bm, bk), dt, transforms=tr),
+        be.mgpu.SMEM((st, bk, bn), dt, transforms=tr),
+        be.mgpu.SMEM((2, 2, _MOSAIC_WG_ROWS, _MOSAIC_EPI_COLS), out_dtype, transforms=out_tr),
+        be.mgpu.Barrier(num_barriers=st),  # a block loaded
+        be.mgpu.Barrier(num_barriers=st),  # b block loaded
+        be.mgpu.Barrier(num_arrivals=2, num_barriers=st),  # slot free (both warpgroups done)
+    )
+    n_tiles = nb * be.cdiv(m, bm) * be.cdiv(n, bn)
+    n_cta = min(n_tiles, be.sm_count())
+
+    def entry(a_ref, b_ref, o_ref):
+        be.run_scoped(
+            lambda *sc: _mosaic_kernel(a_ref, b_ref, o_ref, sc, m=m, n=n, k=k, cfg=cfg,
+                                       k_chunk=_K_CHUNK, n_cta=n_cta),
+            *scratch, collective_axes="wg")
+
+    return be.mosaic_kernel(
+        entry, out_type=jax.ShapeDtypeStruct((nb, m, n), out_dtype), grid=(n_cta,),
+        grid_names=("cta",), num_threads=3, thread_name="wg",
+    )(a, b)
 
 
 # --------------------------------------------------------------------------------------- reference

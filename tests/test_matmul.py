@@ -327,6 +327,61 @@ def test_errors_raise_at_trace_time():
         )
 
 
+# ------------------------------------------------------------------------- Mosaic GPU kernel
+
+MOSAIC_CONFIGS = [MatmulConfig(128, 256, 64, num_stages=4, kernel="mosaic"),
+                  MatmulConfig(128, 128, 64, num_stages=6, kernel="mosaic")]
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("cfg", MOSAIC_CONFIGS, ids=["128x256", "128x128"])
+def test_mosaic_kernel(dtype, cfg, k_chunk, monkeypatch):
+    """The Hopper kernel (interpreted without a GPU): accuracy on ragged edges (rows and columns
+    past a tile, M not a multiple of 8) with a batch dimension, and rows whose bits do not depend
+    on M or on how many tiles each persistent CTA runs (2 CTAs vs one per tile). Its bits equal
+    the Triton kernel's on the GPU (``test_gpu_every_config_same_bits``); jax's interpreter does
+    not emulate the tensor cores' rounding, so that is not asserted here."""
+    a, b = randn((2, 200, 192), dtype), randn((2, 192, 320), dtype)
+    def mm(a, b):  # the batched core op ([B, M, K] @ [B, K, N]), the config forced
+        return _mm._bmm(a, b, None, jnp.dtype(dtype), None, "pallas", cfg)
+
+    assert be.mosaic_kernel_count(be.export_for_cuda(mm, a, b)) == 1
+    full = mm(a, b)
+    testing.assert_close(full, np.einsum("bmk,bkn->bmn", f64(a), f64(b)), dtype=dtype)
+    testing.assert_bitwise_equal(mm(a[:, :133], b), full[:, :133], what="M=133 vs M=200")
+    monkeypatch.setattr(be, "sm_count", lambda: 2)
+    jax.clear_caches()
+    testing.assert_bitwise_equal(mm(a, b), full, what="2 persistent CTAs vs one per tile")
+
+
+def test_mosaic_config_falls_back_to_triton_where_it_cannot_run():
+    """A bias, or a shape the TMA cannot tile, runs the Triton kernel (the same bits)."""
+    cfg = MOSAIC_CONFIGS[0]
+    a, b = jax.ShapeDtypeStruct((300, 128), jnp.bfloat16), jax.ShapeDtypeStruct((128, 256), jnp.bfloat16)
+    bias = jax.ShapeDtypeStruct((256,), jnp.bfloat16)
+    run = lambda *x: bi_jax.matmul(x[0], x[1], bias=x[2] if len(x) > 2 else None,
+                                   implementation="pallas", config=cfg)
+    for args, mosaic in (((a, b), 1), ((a, b, bias), 0),
+                         ((jax.ShapeDtypeStruct((300, 100), jnp.bfloat16),
+                           jax.ShapeDtypeStruct((100, 256), jnp.bfloat16)), 0)):
+        exported = be.export_for_cuda(run, *args)
+        assert (be.mosaic_kernel_count(exported), be.triton_kernel_count(exported)) == (
+            mosaic, 1 - mosaic), args
+    with pytest.raises(ValueError, match="block_m=128"):
+        MatmulConfig(64, 256, 64, kernel="mosaic")
+
+
+def test_hopper_policy_picks_mosaic_for_large_m(monkeypatch):
+    """On Hopper the policy takes the Mosaic kernel from M = 129 (257 with several K chunks)."""
+    monkeypatch.setattr(be, "is_hopper", lambda: True)
+    for (k, n), first in (((4096, 4096), 129), ((14336, 4096), 257)):
+        kinds = {m: matmul_config(m, n, k, jnp.bfloat16).kernel for m in (1, 128, 129, 256, 257, 4096)}
+        assert {m for m, kind in kinds.items() if kind == "mosaic"} == {
+            m for m in kinds if m >= first}, (k, n, kinds)
+    assert matmul_config(4096, 4096, 4096, jnp.float32).kernel == "triton"
+    assert set(shipped_configs(jnp.bfloat16)) >= set(MOSAIC_CONFIGS)
+
+
 # ------------------------------------------------------------------------------ CUDA lowering
 
 
