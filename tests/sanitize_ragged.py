@@ -41,6 +41,15 @@ def run_matmul(key):
                     for cfg in shipped_configs(dtype):
                         out = bi_jax.matmul(a, b, bias=bias, implementation="pallas", config=cfg)
                         assert np.isfinite(np.asarray(out, np.float32)).all()
+                # the Mosaic kernel (Hopper, no bias): tiles past the last row and column,
+                # M not a multiple of 8, more tiles than CTAs
+                for m, k, n in ((133, 192, 320), (264, 256, 448), (4100, 128, 4096)):
+                    ka, kb, key = jax.random.split(key, 3)
+                    a, b = _randn(ka, (m, k), dtype), _randn(kb, (k, n), dtype)
+                    for cfg in shipped_configs(dtype):
+                        if cfg.kernel == "mosaic":
+                            out = bi_jax.matmul(a, b, implementation="pallas", config=cfg)
+                            assert np.isfinite(np.asarray(out, np.float32)).all()
     finally:
         mm._K_CHUNK = shipped_chunk
     return "matmul"
