@@ -70,16 +70,18 @@ class MatmulConfig:
     kernel: str = "triton"  # "mosaic": the Hopper kernel (block_m 128, no bias); no numerics
 
     def __post_init__(self) -> None:
-        for name in ("block_m", "block_n", "block_k"):
-            v = getattr(self, name)
-            if v < 16 or v & (v - 1):
-                raise ValueError(f"MatmulConfig.{name}={v} must be a power of two >= 16")
         if self.kernel not in ("triton", "mosaic"):
             raise ValueError(f"MatmulConfig.kernel={self.kernel!r} must be 'triton' or 'mosaic'")
         if self.kernel == "mosaic" and (self.block_m != 2 * _MOSAIC_WG_ROWS
-                                        or self.block_n not in (128, 256) or self.split_k):
-            raise ValueError(f"MatmulConfig: the Mosaic kernel needs block_m=128, block_n 128 or "
-                             f"256 and split_k=False, got {self}")
+                                        or self.block_n not in _MOSAIC_BLOCK_N or self.split_k):
+            raise ValueError(f"MatmulConfig: the Mosaic kernel needs block_m=128, block_n in "
+                             f"{_MOSAIC_BLOCK_N} and split_k=False, got {self}")
+        for name in ("block_m", "block_n", "block_k"):
+            v = getattr(self, name)
+            if self.kernel == "mosaic" and name == "block_n":
+                continue
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"MatmulConfig.{name}={v} must be a power of two >= 16")
 
 
 _BLOCK_K = {jnp.dtype(jnp.bfloat16): 64, jnp.dtype(jnp.float16): 64, jnp.dtype(jnp.float32): 32}
@@ -94,20 +96,19 @@ def matmul_config(m: int, n: int, k: int, dtype: Any) -> MatmulConfig:
     """The tile policy: follows M, N and K (bit-neutral), with ``block_k`` fixed per dtype.
 
     Tuned on an H100 (bf16, Llama-3-8B projection shapes, every candidate bitwise equal). On
-    Hopper, bf16/fp16 with M > 128 (M > 256 when K has several chunks) runs the Mosaic GPU kernel:
-    128x256 or 128x128 tiles, whichever wastes less of the last wave of tiles over the SMs (a
-    128x128 tile does half the work at ~0.86 of the rate), 128x128 when K has several chunks (the
-    running total needs registers beside the accumulator). Otherwise the Triton kernel
-    (``_triton_config``).
+    Hopper, bf16/fp16 with M > 128 (M > 256 when K has several chunks) runs the Mosaic GPU kernel
+    with 128x256, 128x192 or 128x128 tiles, whichever wastes least of the last wave of tiles over
+    the SMs (the narrower tiles run at ~0.93 and ~0.86 of the widest one's rate). Otherwise the
+    Triton kernel (``_triton_config``).
     """
     dtype = jnp.dtype(dtype)
     if (be.is_hopper() and m > (256 if k > _K_CHUNK else 128)
             and _mosaic_supported(m, n, k, dtype)):
-        wide, narrow = (MatmulConfig(128, bn, _BLOCK_K[dtype], num_stages=st, kernel="mosaic")
-                        for bn, st in ((256, 4), (128, 6)))
-        if k > _K_CHUNK or 2 * _waves(m, n, wide) * _SMALL_TILE_RATE > _waves(m, n, narrow):
-            return narrow
-        return wide
+        def cost(bn):  # time ~ waves of tiles x work per tile / rate
+            return _waves(m, n, MatmulConfig(128, bn, 16, kernel="mosaic")) * bn / _MOSAIC_TILES[bn][1]
+
+        bn = min(_MOSAIC_BLOCK_N, key=cost)
+        return MatmulConfig(128, bn, _BLOCK_K[dtype], num_stages=_MOSAIC_TILES[bn][0], kernel="mosaic")
     return _triton_config(m, n, k, dtype)
 
 
@@ -337,6 +338,10 @@ def _bmm_pallas(a, b, bias, *, out_dtype, precision, config):
 # ------------------------------------------------------------------------- Mosaic GPU (Hopper)
 
 _MOSAIC_WG_ROWS = 64  # rows of one wgmma accumulator (one compute warpgroup)
+# block_n of the Mosaic kernel -> (K/V pipeline stages that fit the SMEM, tile rate relative to a
+# 128x256 tile, measured on an H100)
+_MOSAIC_TILES = {256: (4, 1.0), 192: (4, 0.93), 128: (6, 0.86)}
+_MOSAIC_BLOCK_N = tuple(_MOSAIC_TILES)
 _MOSAIC_EPI_COLS = 64  # the epilogue stores the output in [64, 64] pieces (two SMEM slots)
 
 
@@ -409,8 +414,11 @@ def _mosaic_kernel(a_ref, b_ref, o_ref, scratch, *, m, n, k, cfg, k_chunk, n_cta
             zero = plgpu.layout_cast(jnp.full((_MOSAIC_WG_ROWS, bn), 0.0, jnp.float32), lay)
             total = lax.fori_loop(0, chunks, chunk, zero)
             out = total.astype(o_ref.dtype)
-            for j in range(bn // _MOSAIC_EPI_COLS):
-                piece = o_smem.at[wg, j % 2]
+            pieces = bn // _MOSAIC_EPI_COLS
+            for j in range(pieces):
+                # the slots alternate across tiles too (an odd piece count would otherwise reuse
+                # the slot of the previous tile's last store, which may still be in flight)
+                piece = o_smem.at[wg, lax.rem(t * pieces + j, i32(2))]
                 plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # this slot's last store left
                 piece[...] = out[:, j * _MOSAIC_EPI_COLS:(j + 1) * _MOSAIC_EPI_COLS]
                 plgpu.commit_smem()
