@@ -298,16 +298,16 @@ def _bmm_pallas(a, b, bias, *, out_dtype, precision, config):
     k_chunk = _K_CHUNK
     if k_chunk % cfg.block_k:
         raise ValueError(f"matmul: block_k={cfg.block_k} must divide the K chunk {k_chunk}")
+    if cfg.kernel == "mosaic":
+        if bias is None and _mosaic_supported(m, n, k, a.dtype):
+            return _bmm_mosaic(a, b, out_dtype=out_dtype, cfg=cfg)
+        # a bias or a shape the TMA cannot tile: the Triton kernel (its own tile), the same bits
+        cfg = _triton_config(m, n, k, a.dtype)
     chunks = be.cdiv(k, k_chunk)
     params = dict(m=m, n=n, k=k, precision=precision, block_m=cfg.block_m, block_n=cfg.block_n,
                   block_k=cfg.block_k, group_m=cfg.group_m, k_chunk=k_chunk)
     tiles = be.cdiv(m, cfg.block_m) * be.cdiv(n, cfg.block_n)
     operands = (a, b) if bias is None else (a, b, bias)
-    if cfg.kernel == "mosaic":
-        if bias is None and _mosaic_supported(m, n, k, a.dtype):
-            return _bmm_mosaic(a, b, out_dtype=out_dtype, cfg=cfg)
-        # a bias or a shape the TMA cannot tile: the Triton kernel, whose bits are the same
-        cfg = _triton_config(m, n, k, a.dtype)
     if not cfg.split_k or chunks == 1:
         return be.pallas_call(
             functools.partial(_fused_kernel, has_bias=bias is not None, **params),

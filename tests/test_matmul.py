@@ -370,19 +370,30 @@ def test_mosaic_kernel_has_no_data_races(cfg, monkeypatch):
     testing.assert_close(out, f64(a) @ f64(b), dtype=jnp.bfloat16)
 
 
-def test_mosaic_config_falls_back_to_triton_where_it_cannot_run():
+def test_mosaic_config_falls_back_to_triton_where_it_cannot_run(monkeypatch):
     """A bias, or a shape the TMA cannot tile, runs the Triton kernel (the same bits)."""
     cfg = MOSAIC_CONFIGS[0]
     a, b = jax.ShapeDtypeStruct((300, 128), jnp.bfloat16), jax.ShapeDtypeStruct((128, 256), jnp.bfloat16)
     bias = jax.ShapeDtypeStruct((256,), jnp.bfloat16)
     run = lambda *x: bi_jax.matmul(x[0], x[1], bias=x[2] if len(x) > 2 else None,
                                    implementation="pallas", config=cfg)
+    grids = []
+    pallas_call = be.pallas_call
+
+    def spy(*args, **kw):
+        grids.append(kw["grid"])
+        return pallas_call(*args, **kw)
+
+    monkeypatch.setattr(be, "pallas_call", spy)
     for args, mosaic in (((a, b), 1), ((a, b, bias), 0),
                          ((jax.ShapeDtypeStruct((300, 100), jnp.bfloat16),
                            jax.ShapeDtypeStruct((100, 256), jnp.bfloat16)), 0)):
         exported = be.export_for_cuda(run, *args)
         assert (be.mosaic_kernel_count(exported), be.triton_kernel_count(exported)) == (
             mosaic, 1 - mosaic), args
+    # the Triton launches use the Triton policy's tile, not the Mosaic config's
+    want = _mm._triton_config(300, 256, 128, jnp.bfloat16)
+    assert grids[0] == (1, -(-300 // want.block_m) * -(-256 // want.block_n)), (grids, want)
     with pytest.raises(ValueError, match="block_m=128"):
         MatmulConfig(64, 256, 64, kernel="mosaic")
 
