@@ -20,9 +20,11 @@ Invariance:
   for any batch (no atomics, no data-dependent split). What follows M (``matmul_config``) is only
   how the work is launched: the M/N tile, warps and stages, and whether each chunk partial gets its
   own program (``split_k``, for small M and K > 8192, summed in the same order by a second kernel)
-  or one program walks all chunks of its tile. On the GPU, Triton chains the per-block MMAs into one
+  or one program walks all chunks of its tile, and which kernel runs: on Hopper, bf16/fp16 from
+  M = 129 (257 when K has several chunks) take a persistent Mosaic GPU kernel (TMA + wgmma, no
+  bias; K and N multiples of 64), elsewhere the Triton one. Both chain the per-block MMAs into one
   accumulator whatever the tile, and ``tests/test_matmul.py`` proves bitwise equality across every
-  config the policy can choose, in both launch modes. The reference path multiplies and adds
+  config the policy can choose, in both launch modes and both kernels (on the GPU). The reference path multiplies and adds
   elementwise in a fixed sequential K order, so it is invariant by construction on every backend,
   the CPU included (XLA's own ``jnp.dot`` is not, even on the CPU).
 
