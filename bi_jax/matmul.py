@@ -24,9 +24,9 @@ Invariance:
   M = 129 (257 when K has several chunks) take a persistent Mosaic GPU kernel (TMA + wgmma, no
   bias; K and N multiples of 64), elsewhere the Triton one. Both chain the per-block MMAs into one
   accumulator whatever the tile, and ``tests/test_matmul.py`` proves bitwise equality across every
-  config the policy can choose, in both launch modes and both kernels (on the GPU). The reference path multiplies and adds
-  elementwise in a fixed sequential K order, so it is invariant by construction on every backend,
-  the CPU included (XLA's own ``jnp.dot`` is not, even on the CPU).
+  config the policy can choose, in both launch modes and both kernels (on the GPU). The reference
+  path multiplies and adds elementwise in a fixed sequential K order, so it is invariant by
+  construction on every backend, the CPU included (XLA's own ``jnp.dot`` is not, even on the CPU).
 
 Gradients: a custom VJP computes ``d lhs = g @ rhs^T`` and ``d rhs = lhs^T @ g`` with the same
 implementation as the forward pass (so ``d lhs`` is batch-invariant too; ``d rhs`` sums over the
