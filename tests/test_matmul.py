@@ -342,13 +342,15 @@ def test_mosaic_kernel(dtype, cfg, k_chunk, monkeypatch):
     the Triton kernel's on the GPU (``test_gpu_every_config_same_bits``); jax's interpreter does
     not emulate the tensor cores' rounding, so that is not asserted here."""
     a, b = randn((2, 200, 192), dtype), randn((2, 192, 320), dtype)
-    def mm(a, b):  # the batched core op ([B, M, K] @ [B, K, N]), the config forced
-        return _mm._bmm(a, b, None, jnp.dtype(dtype), None, "pallas", cfg)
+    def mm(a, b, out=dtype):  # the batched core op ([B, M, K] @ [B, K, N]), the config forced
+        return _mm._bmm(a, b, None, jnp.dtype(out), None, "pallas", cfg)
 
     assert be.mosaic_kernel_count(be.export_for_cuda(mm, a, b)) == 1
     full = mm(a, b)
     testing.assert_close(full, np.einsum("bmk,bkn->bmn", f64(a), f64(b)), dtype=dtype)
     testing.assert_bitwise_equal(mm(a[:, :133], b), full[:, :133], what="M=133 vs M=200")
+    wide = mm(a, b, jnp.float32)  # fp32 output (e.g. logits): one rounding of the same total
+    testing.assert_bitwise_equal(wide.astype(dtype), full, what="fp32 output, rounded")
     monkeypatch.setattr(be, "sm_count", lambda: 2)
     jax.clear_caches()
     testing.assert_bitwise_equal(mm(a, b), full, what="2 persistent CTAs vs one per tile")
@@ -368,6 +370,17 @@ def test_mosaic_kernel_has_no_data_races(cfg, monkeypatch):
         jax.block_until_ready(out)
         assert not races_found(), cfg
     testing.assert_close(out, f64(a) @ f64(b), dtype=jnp.bfloat16)
+
+
+def test_mosaic_smem_fits_an_h100():
+    """Every Mosaic config with every input / output dtype fits the 227 KiB of a CTA's SMEM (an
+    fp32 output takes a pipeline stage away instead of overflowing it)."""
+    for cfg in MOSAIC_CONFIGS:
+        for dtype in (jnp.bfloat16, jnp.float16):
+            for out in (dtype, jnp.float32):
+                stages, used = _mm._mosaic_smem(cfg, dtype, out)
+                assert 2 <= stages <= cfg.num_stages and used <= 227 * 1024, (cfg, out, stages)
+    assert _mm._mosaic_smem(MOSAIC_CONFIGS[0], jnp.bfloat16, jnp.float32)[0] == 3
 
 
 def test_mosaic_config_falls_back_to_triton_where_it_cannot_run(monkeypatch):
@@ -399,8 +412,11 @@ def test_mosaic_config_falls_back_to_triton_where_it_cannot_run(monkeypatch):
 
 
 def test_hopper_policy_picks_mosaic_for_large_m(monkeypatch):
-    """On Hopper the policy takes the Mosaic kernel from M = 129 (257 with several K chunks)."""
+    """On Hopper the policy takes the Mosaic kernel from M = 129 (257 with several K chunks) once
+    it is on by default; while it is off (``_MOSAIC_BY_DEFAULT``), never."""
     monkeypatch.setattr(be, "is_hopper", lambda: True)
+    assert {matmul_config(m, 4096, 4096, jnp.bfloat16).kernel for m in (1, 4096)} == {"triton"}
+    monkeypatch.setattr(_mm, "_MOSAIC_BY_DEFAULT", True)
     for (k, n), first in (((4096, 4096), 129), ((14336, 4096), 257)):
         kinds = {m: matmul_config(m, n, k, jnp.bfloat16).kernel for m in (1, 128, 129, 256, 257, 4096)}
         assert {m for m, kind in kinds.items() if kind == "mosaic"} == {
@@ -477,9 +493,10 @@ def test_gpu_llama_shapes_invariant_over_m(kn):
 def test_gpu_every_config_same_bits(dtype, kn):
     k, n = kn
     a, b = randn((512, k), dtype), randn((k, n), dtype, scale=k**-0.5)
+    mosaic = MOSAIC_CONFIGS if be.is_hopper() and dtype != jnp.float32 else []
     outs = {
         c: np.asarray(bi_jax.matmul(a, b, implementation="pallas", config=c))
-        for c in shipped_configs(dtype)
+        for c in [*shipped_configs(dtype), *mosaic]
     }
     first = next(iter(outs.values()))
     for c, o in outs.items():
