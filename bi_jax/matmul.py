@@ -358,8 +358,9 @@ def _bmm_pallas(a, b, bias, *, out_dtype, precision, config):
 # ------------------------------------------------------------------------- Mosaic GPU (Hopper)
 
 _MOSAIC_WG_ROWS = 64  # rows of one wgmma accumulator (one compute warpgroup)
-# block_n of the Mosaic kernel -> (K/V pipeline stages that fit the SMEM, tile rate relative to a
-# 128x256 tile, measured on an H100)
+_MOSAIC_EPI_COLS = 64  # the epilogue stores the output in [64, 64] pieces (two SMEM slots)
+# block_n of the Mosaic kernel -> (A/B pipeline stages that fit the SMEM beside a bf16/fp16
+# output, tile rate relative to a 128x256 tile, measured on an H100)
 _MOSAIC_TILES = {256: (4, 1.0), 192: (4, 0.93), 128: (6, 0.86)}
 _MOSAIC_BLOCK_N = tuple(_MOSAIC_TILES)
 _MOSAIC_SMEM_BYTES = 232448 - 1024  # an H100 CTA's shared memory, less room for the barriers
@@ -374,7 +375,6 @@ def _mosaic_smem(cfg: MatmulConfig, dtype: Any, out_dtype: Any) -> tuple[int, in
     if stages < 2:
         raise ValueError(f"matmul: {cfg} leaves room for {stages} pipeline stage(s) in SMEM")
     return stages, out + stages * stage
-_MOSAIC_EPI_COLS = 64  # the epilogue stores the output in [64, 64] pieces (two SMEM slots)
 
 
 def _mosaic_supported(m: int, n: int, k: int, dtype: Any) -> bool:
