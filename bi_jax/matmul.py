@@ -97,46 +97,13 @@ _K_CHUNK = 8192
 def matmul_config(m: int, n: int, k: int, dtype: Any) -> MatmulConfig:
     """The tile policy: follows M, N and K (bit-neutral), with ``block_k`` fixed per dtype.
 
-    Tuned on an H100 (bf16, Llama-3-8B projection shapes, every candidate bitwise equal). With
-    ``_MOSAIC_BY_DEFAULT`` (off, see there), bf16/fp16 on Hopper with M > 128 (M > 256 when K has
-    several chunks) would run the Mosaic GPU kernel (``mosaic_config``). Otherwise the Triton
-    kernel (``_triton_config``).
+    Tuned on an H100 (bf16, Llama-3-8B projection shapes, every candidate bitwise equal): narrow
+    tiles with deep pipelines while the weights dominate; one program per (tile, K chunk)
+    (``split_k``) when K has several chunks and M is too small to fill the machine with tiles;
+    once M fills it, 128x256 or 128x128 tiles with 8 warps, whichever wastes less of the last wave
+    of tiles over the SMs (a 128x128 tile does half the work at ~0.86 of the rate). It picks the
+    Triton kernel only; the Hopper kernel runs when asked for (``mosaic_config``).
     """
-    dtype = jnp.dtype(dtype)
-    if _MOSAIC_BY_DEFAULT and be.is_hopper() and m > (256 if k > _K_CHUNK else 128):
-        cfg = mosaic_config(m, n, k, dtype)
-        if cfg is not None:
-            return cfg
-    return _triton_config(m, n, k, dtype)
-
-
-# The Mosaic kernel is bitwise equal to the Triton one and faster from M = 129 in the matmul sweep
-# (H100: geometric mean 1.00 of XLA against 1.04), but the 1B Llama model's prefill with it did not
-# finish on the H100 (the needle demo past 540 s, against 146 s with the Triton kernel; cause not
-# found). Until that is understood it runs only when asked for (``config=mosaic_config(...)``).
-_MOSAIC_BY_DEFAULT = False
-
-
-def mosaic_config(m: int, n: int, k: int, dtype: Any) -> MatmulConfig | None:
-    """The Mosaic GPU kernel's config for a shape (None where it cannot run): 128x256, 128x192 or
-    128x128 tiles, whichever wastes least of the last wave of tiles over the SMs (the narrower
-    tiles run at ~0.93 and ~0.86 of the widest one's rate, H100). Opt-in (``_MOSAIC_BY_DEFAULT``)."""
-    dtype = jnp.dtype(dtype)
-    if not _mosaic_supported(m, n, k, dtype):
-        return None
-
-    def cost(bn):  # time ~ waves of tiles x work per tile / rate
-        return _waves(m, n, MatmulConfig(128, bn, 16, kernel="mosaic")) * bn / _MOSAIC_TILES[bn][1]
-
-    bn = min(_MOSAIC_BLOCK_N, key=cost)
-    return MatmulConfig(128, bn, _BLOCK_K[dtype], num_stages=_MOSAIC_TILES[bn][0], kernel="mosaic")
-
-
-def _triton_config(m: int, n: int, k: int, dtype: Any) -> MatmulConfig:
-    """The Triton kernel's tile policy: narrow tiles with deep pipelines while the weights
-    dominate; one program per (tile, K chunk) (``split_k``) when K has several chunks and M is too
-    small to fill the machine with tiles; once M fills it, 128x256 or 128x128 tiles with 8 warps,
-    whichever wastes less of the last wave (as ``matmul_config``)."""
     dtype = jnp.dtype(dtype)
     bk = _BLOCK_K[dtype]
     wide = n > 8192
@@ -322,7 +289,7 @@ def _bmm_pallas(a, b, bias, *, out_dtype, precision, config):
         if bias is None and _mosaic_supported(m, n, k, a.dtype):
             return _bmm_mosaic(a, b, out_dtype=out_dtype, cfg=cfg)
         # a bias or a shape the TMA cannot tile: the Triton kernel (its own tile), the same bits
-        cfg = _triton_config(m, n, k, a.dtype)
+        cfg = matmul_config(m, n, k, a.dtype)
     chunks = be.cdiv(k, k_chunk)
     params = dict(m=m, n=n, k=k, precision=precision, block_m=cfg.block_m, block_n=cfg.block_n,
                   block_k=cfg.block_k, group_m=cfg.group_m, k_chunk=k_chunk)
@@ -383,6 +350,28 @@ def _mosaic_supported(m: int, n: int, k: int, dtype: Any) -> bool:
     its array). M is padded to a multiple of 8 (the TMA's row tile) by the launcher."""
     return (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
             and k % 64 == 0 and n % 64 == 0 and m >= 128 and n >= 256)
+
+
+def mosaic_config(m: int, n: int, k: int, dtype: Any) -> MatmulConfig | None:
+    """The Mosaic GPU kernel's config for a shape (None where it cannot run): 128x256, 128x192 or
+    128x128 tiles, whichever wastes least of the last wave of tiles over the SMs (the narrower
+    tiles run at ~0.93 and ~0.86 of the widest one's rate, H100).
+
+    Opt-in (``matmul(..., config=mosaic_config(m, n, k, dtype))``), not chosen by
+    ``matmul_config``: bitwise equal to the Triton kernel and faster from M = 129 (257 with
+    several K chunks) in the H100 matmul sweep (geometric mean 1.00 of XLA against 1.04), but the
+    1B Llama model's prefill with it did not finish on the H100 (the needle demo past 540 s,
+    against 146 s with the Triton kernel; cause not found).
+    """
+    dtype = jnp.dtype(dtype)
+    if not _mosaic_supported(m, n, k, dtype):
+        return None
+
+    def cost(bn):  # time ~ waves of tiles x work per tile / rate
+        return _waves(m, n, MatmulConfig(128, bn, 16, kernel="mosaic")) * bn / _MOSAIC_TILES[bn][1]
+
+    bn = min(_MOSAIC_BLOCK_N, key=cost)
+    return MatmulConfig(128, bn, _BLOCK_K[dtype], num_stages=_MOSAIC_TILES[bn][0], kernel="mosaic")
 
 
 def _mosaic_kernel(a_ref, b_ref, o_ref, scratch, *, m, n, k, cfg, k_chunk, n_cta):

@@ -405,24 +405,25 @@ def test_mosaic_config_falls_back_to_triton_where_it_cannot_run(monkeypatch):
         assert (be.mosaic_kernel_count(exported), be.triton_kernel_count(exported)) == (
             mosaic, 1 - mosaic), args
     # the Triton launches use the Triton policy's tile, not the Mosaic config's
-    want = _mm._triton_config(300, 256, 128, jnp.bfloat16)
+    want = matmul_config(300, 256, 128, jnp.bfloat16)
     assert grids[0] == (1, -(-300 // want.block_m) * -(-256 // want.block_n)), (grids, want)
     with pytest.raises(ValueError, match="block_m=128"):
         MatmulConfig(64, 256, 64, kernel="mosaic")
 
 
-def test_hopper_policy_picks_mosaic_for_large_m(monkeypatch):
-    """On Hopper the policy takes the Mosaic kernel from M = 129 (257 with several K chunks) once
-    it is on by default; while it is off (``_MOSAIC_BY_DEFAULT``), never."""
+def test_mosaic_config_is_opt_in(monkeypatch):
+    """The policy picks the Triton kernel even on Hopper; ``mosaic_config`` gives a Mosaic tile
+    where the kernel can run (the one with the least last-wave waste) and None elsewhere."""
     monkeypatch.setattr(be, "is_hopper", lambda: True)
-    assert {matmul_config(m, 4096, 4096, jnp.bfloat16).kernel for m in (1, 4096)} == {"triton"}
-    monkeypatch.setattr(_mm, "_MOSAIC_BY_DEFAULT", True)
-    for (k, n), first in (((4096, 4096), 129), ((14336, 4096), 257)):
-        kinds = {m: matmul_config(m, n, k, jnp.bfloat16).kernel for m in (1, 128, 129, 256, 257, 4096)}
-        assert {m for m, kind in kinds.items() if kind == "mosaic"} == {
-            m for m in kinds if m >= first}, (k, n, kinds)
-    assert matmul_config(4096, 4096, 4096, jnp.float32).kernel == "triton"
-    assert set(shipped_configs(jnp.bfloat16)) >= set(MOSAIC_CONFIGS)
+    assert {c.kernel for c in shipped_configs(jnp.bfloat16)} == {"triton"}
+    assert _mm.mosaic_config(4096, 4096, 4096, jnp.float32) is None
+    assert _mm.mosaic_config(4096, 4096, 100, jnp.bfloat16) is None  # K not a multiple of 64
+    assert _mm.mosaic_config(64, 4096, 4096, jnp.bfloat16) is None  # less than one row tile
+    # QKV, M = 512: 96 tiles of 128x256 (one wave, 2 units each) lose to 128 of 128x192
+    assert _mm.mosaic_config(512, 6144, 4096, jnp.bfloat16).block_n == 192
+    assert _mm.mosaic_config(4096, 4096, 4096, jnp.bfloat16).block_n == 256
+    assert {_mm.mosaic_config(m, 4096, 4096, jnp.bfloat16) for m in (512, 4096)} <= set(
+        MOSAIC_CONFIGS)
 
 
 # ------------------------------------------------------------------------------ CUDA lowering
