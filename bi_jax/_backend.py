@@ -155,6 +155,13 @@ def race_detection() -> Iterator[Callable[[], bool]]:
         _DETECT_RACES = saved
 
 
+def trace_key() -> tuple[bool, bool, bool, int]:
+    """What tracing a kernel launcher reads besides its arguments: interpret mode, race detection,
+    ``is_hopper()`` and the SM count. The jitted launchers take it as a static argument, so one
+    traced under other settings (a test's monkeypatch, an export) is never reused."""
+    return (interpret_mode(), _DETECT_RACES, is_hopper(), sm_count())
+
+
 def mosaic_kernel(body: Callable[..., None], *, out_type: Any, grid: tuple[int, ...],
                   grid_names: tuple[str, ...], num_threads: int,
                   thread_name: str) -> Callable[..., Any]:

@@ -1152,10 +1152,10 @@ def _attend_xla(q, k, v, meta, *, causal, scale):
     return out.reshape(nb, tq, hq, d).astype(q.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "scale", "impl", "cfg", "interpret"))
-def _attend(q, k, v, meta, *, causal, scale, impl, cfg, interpret):
-    """The one core op; ``interpret`` only keys the jit cache (interpret vs GPU lowering)."""
-    del interpret
+@functools.partial(jax.jit, static_argnames=("causal", "scale", "impl", "cfg", "key"))
+def _attend(q, k, v, meta, *, causal, scale, impl, cfg, key):
+    """The one core op; ``key`` (``be.trace_key()``) only keys the jit cache."""
+    del key
     c = scale * _LOG2E  # scores in the log2 domain: exp2 everywhere
     if impl == "pallas" and cfg.kernel == "mosaic":
         return _attend_mosaic(q, k, v, meta, causal=causal, c=c, cfg=cfg)
@@ -1304,7 +1304,7 @@ def attention(
         return jnp.zeros(q.shape, dtype)
     meta = jnp.stack([q_start, jnp.full((nb,), tq, jnp.int32), kv_len], axis=1)
     return _attend(q, k, v, meta, causal=bool(causal), scale=scale, impl=impl, cfg=cfg,
-                   interpret=be.interpret_mode())
+                   key=be.trace_key())
 
 
 def decode_attention(
@@ -1363,7 +1363,7 @@ def decode_attention(
     q_len = jnp.clip(q_len, 0, tq)
     meta = jnp.stack([kv_len - q_len, q_len, kv_len], axis=1)
     return _attend(q, k_cache, v_cache, meta, causal=True, scale=scale, impl=impl, cfg=cfg,
-                   interpret=be.interpret_mode())
+                   key=be.trace_key())
 
 
 def attention_reference(q, k, v, *, causal=True, scale=None, q_offset=None, kv_lengths=None,

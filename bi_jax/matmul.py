@@ -21,8 +21,8 @@ Invariance:
   how the work is launched: the M/N tile, warps and stages, and whether each chunk partial gets its
   own program (``split_k``, for small M and K > 8192, summed in the same order by a second kernel)
   or one program walks all chunks of its tile, and which kernel runs: the Triton one, or on
-  Hopper, when asked for (``config=mosaic_config(...)``, bf16/fp16, no bias, K and N multiples of
-  64), a persistent Mosaic GPU kernel (TMA + wgmma). Both chain the per-block MMAs into one
+  Hopper from M = 129 (bf16/fp16, no bias, K and N multiples of 64), a persistent Mosaic GPU
+  kernel (TMA + wgmma). Both chain the per-block MMAs into one
   accumulator whatever the tile, and ``tests/test_matmul.py`` proves bitwise equality across every
   config the policy can choose and the Mosaic configs, in both launch modes (on the GPU). The reference
   path multiplies and adds elementwise in a fixed sequential K order, so it is invariant by
@@ -97,12 +97,23 @@ _K_CHUNK = 8192
 def matmul_config(m: int, n: int, k: int, dtype: Any) -> MatmulConfig:
     """The tile policy: follows M, N and K (bit-neutral), with ``block_k`` fixed per dtype.
 
-    Tuned on an H100 (bf16, Llama-3-8B projection shapes, every candidate bitwise equal): narrow
-    tiles with deep pipelines while the weights dominate; one program per (tile, K chunk)
-    (``split_k``) when K has several chunks and M is too small to fill the machine with tiles;
-    once M fills it, 128x256 or 128x128 tiles with 8 warps, whichever wastes less of the last wave
-    of tiles over the SMs (a 128x128 tile does half the work at ~0.86 of the rate). It picks the
-    Triton kernel only; the Hopper kernel runs when asked for (``mosaic_config``).
+    Tuned on an H100 (bf16, Llama-3-8B projection shapes, every candidate bitwise equal). On
+    Hopper, bf16/fp16 with M > 128 (M > 256 when K has several chunks) runs the Mosaic GPU kernel
+    where it can (``mosaic_config``); otherwise the Triton kernel (``_triton_config``).
+    """
+    if be.is_hopper() and m > (256 if k > _K_CHUNK else 128):
+        cfg = mosaic_config(m, n, k, dtype)
+        if cfg is not None:
+            return cfg
+    return _triton_config(m, n, k, dtype)
+
+
+def _triton_config(m: int, n: int, k: int, dtype: Any) -> MatmulConfig:
+    """The Triton kernel's tile policy: narrow tiles with deep pipelines while the weights
+    dominate; one program per (tile, K chunk) (``split_k``) when K has several chunks and M is too
+    small to fill the machine with tiles; once M fills it, 128x256 or 128x128 tiles with 8 warps,
+    whichever wastes less of the last wave of tiles over the SMs (a 128x128 tile does half the
+    work at ~0.86 of the rate).
     """
     dtype = jnp.dtype(dtype)
     bk = _BLOCK_K[dtype]
@@ -277,8 +288,14 @@ def _sum_kernel(p_ref, *rest, m, n, chunks, has_bias):
     _finish(total, bias_ref, o_ref, batch, row0, col0, _SUM_ROWS, _SUM_COLS, m, n)
 
 
-def _bmm_pallas(a, b, bias, *, out_dtype, precision, config):
-    """Launcher: a [B, M, K], b [B, K, N], bias [N] | None -> [B, M, N]."""
+@functools.partial(jax.jit, static_argnames=("out_dtype", "precision", "config", "key"))
+def _bmm_pallas(a, b, bias, *, out_dtype, precision, config, key):
+    """Launcher: a [B, M, K], b [B, K, N], bias [N] | None -> [B, M, N].
+
+    Jitted so that identical calls (a model's layers) lower once per executable and share one
+    compiled kernel: each Mosaic call site lowered on its own added ~1.5 s of compile time on an
+    H100 host. ``key`` (``be.trace_key()``) only keys the jit cache."""
+    del key
     nb, m, k = a.shape
     n = b.shape[2]
     cfg = config or matmul_config(m, n, k, a.dtype)
@@ -289,7 +306,7 @@ def _bmm_pallas(a, b, bias, *, out_dtype, precision, config):
         if bias is None and _mosaic_supported(m, n, k, a.dtype):
             return _bmm_mosaic(a, b, out_dtype=out_dtype, cfg=cfg)
         # a bias or a shape the TMA cannot tile: the Triton kernel (its own tile), the same bits
-        cfg = matmul_config(m, n, k, a.dtype)
+        cfg = _triton_config(m, n, k, a.dtype)
     chunks = be.cdiv(k, k_chunk)
     params = dict(m=m, n=n, k=k, precision=precision, block_m=cfg.block_m, block_n=cfg.block_n,
                   block_k=cfg.block_k, group_m=cfg.group_m, k_chunk=k_chunk)
@@ -357,11 +374,8 @@ def mosaic_config(m: int, n: int, k: int, dtype: Any) -> MatmulConfig | None:
     128x128 tiles, whichever wastes least of the last wave of tiles over the SMs (the narrower
     tiles run at ~0.93 and ~0.86 of the widest one's rate, H100).
 
-    Opt-in (``matmul(..., config=mosaic_config(m, n, k, dtype))``), not chosen by
-    ``matmul_config``: bitwise equal to the Triton kernel and faster from M = 129 (257 with
-    several K chunks) in the H100 matmul sweep (geometric mean 1.00 of XLA against 1.04), but the
-    1B Llama model's prefill with it did not finish on the H100 (the needle demo past 540 s,
-    against 146 s with the Triton kernel; cause not found).
+    ``matmul_config`` takes it on Hopper from M = 129 (257 with several K chunks), where it was
+    faster than the Triton kernel in the H100 matmul sweep; its bits are the Triton kernel's.
     """
     dtype = jnp.dtype(dtype)
     if not _mosaic_supported(m, n, k, dtype):
@@ -579,7 +593,8 @@ def _bmm(a, b, bias, out_dtype, precision, implementation, config):
         out = jnp.zeros((nb, m, n), jnp.float32)
         return (out if bias is None else out + bias.astype(jnp.float32)).astype(out_dtype)
     if implementation == "pallas":
-        return _bmm_pallas(a, b, bias, out_dtype=out_dtype, precision=precision, config=config)
+        return _bmm_pallas(a, b, bias, out_dtype=out_dtype, precision=precision, config=config,
+                           key=be.trace_key())
     if implementation == "reference":
         return _bmm_reference(a, b, bias, out_dtype=out_dtype)
     return _bmm_xla(a, b, bias, out_dtype=out_dtype, precision=precision)

@@ -352,7 +352,6 @@ def test_mosaic_kernel(dtype, cfg, k_chunk, monkeypatch):
     wide = mm(a, b, jnp.float32)  # fp32 output (e.g. logits): one rounding of the same total
     testing.assert_bitwise_equal(wide.astype(dtype), full, what="fp32 output, rounded")
     monkeypatch.setattr(be, "sm_count", lambda: 2)
-    jax.clear_caches()
     testing.assert_bitwise_equal(mm(a, b), full, what="2 persistent CTAs vs one per tile")
 
 
@@ -364,7 +363,6 @@ def test_mosaic_kernel_has_no_data_races(cfg, monkeypatch):
     128x192 tile's odd piece count raced here.)"""
     a, b = randn((260, 128), jnp.bfloat16), randn((128, 384), jnp.bfloat16)
     monkeypatch.setattr(be, "sm_count", lambda: 2)
-    jax.clear_caches()
     with be.race_detection() as races_found:
         out = bi_jax.matmul(a, b, implementation="pallas", config=cfg)
         jax.block_until_ready(out)
@@ -405,25 +403,30 @@ def test_mosaic_config_falls_back_to_triton_where_it_cannot_run(monkeypatch):
         assert (be.mosaic_kernel_count(exported), be.triton_kernel_count(exported)) == (
             mosaic, 1 - mosaic), args
     # the Triton launches use the Triton policy's tile, not the Mosaic config's
-    want = matmul_config(300, 256, 128, jnp.bfloat16)
+    want = _mm._triton_config(300, 256, 128, jnp.bfloat16)
     assert grids[0] == (1, -(-300 // want.block_m) * -(-256 // want.block_n)), (grids, want)
     with pytest.raises(ValueError, match="block_m=128"):
         MatmulConfig(64, 256, 64, kernel="mosaic")
 
 
-def test_mosaic_config_is_opt_in(monkeypatch):
-    """The policy picks the Triton kernel even on Hopper; ``mosaic_config`` gives a Mosaic tile
-    where the kernel can run (the one with the least last-wave waste) and None elsewhere."""
-    monkeypatch.setattr(be, "is_hopper", lambda: True)
-    assert {c.kernel for c in shipped_configs(jnp.bfloat16)} == {"triton"}
-    assert _mm.mosaic_config(4096, 4096, 4096, jnp.float32) is None
-    assert _mm.mosaic_config(4096, 4096, 100, jnp.bfloat16) is None  # K not a multiple of 64
+def test_hopper_policy_picks_mosaic_for_large_m(monkeypatch):
+    """On Hopper the policy takes the Mosaic kernel from M = 129 (257 with several K chunks) where
+    it can run, with the tile that wastes least of the last wave; elsewhere the Triton kernel."""
+    monkeypatch.setattr(be, "_device_is_hopper", lambda: True)
+    for (k, n), first in (((4096, 4096), 129), ((14336, 4096), 257)):
+        kinds = {m: matmul_config(m, n, k, jnp.bfloat16).kernel for m in (1, 128, 129, 256, 257, 4096)}
+        assert {m for m, kind in kinds.items() if kind == "mosaic"} == {
+            m for m in kinds if m >= first}, (k, n, kinds)
+    for shape in ((4096, 4096, 100), (4096, 200, 4096)):  # K or N the TMA cannot tile
+        assert matmul_config(*shape, jnp.bfloat16).kernel == "triton", shape
+    assert matmul_config(4096, 4096, 4096, jnp.float32).kernel == "triton"
     assert _mm.mosaic_config(64, 4096, 4096, jnp.bfloat16) is None  # less than one row tile
     # QKV, M = 512: 96 tiles of 128x256 (one wave, 2 units each) lose to 128 of 128x192
-    assert _mm.mosaic_config(512, 6144, 4096, jnp.bfloat16).block_n == 192
-    assert _mm.mosaic_config(4096, 4096, 4096, jnp.bfloat16).block_n == 256
-    assert {_mm.mosaic_config(m, 4096, 4096, jnp.bfloat16) for m in (512, 4096)} <= set(
-        MOSAIC_CONFIGS)
+    assert matmul_config(512, 6144, 4096, jnp.bfloat16).block_n == 192
+    assert matmul_config(4096, 4096, 4096, jnp.bfloat16).block_n == 256
+    assert {c for c in shipped_configs(jnp.bfloat16) if c.kernel == "mosaic"} == set(MOSAIC_CONFIGS)
+    with be.assume_not_hopper():
+        assert {c.kernel for c in shipped_configs(jnp.bfloat16)} == {"triton"}
 
 
 # ------------------------------------------------------------------------------ CUDA lowering
