@@ -75,9 +75,9 @@ class MatmulConfig:
         if self.kernel not in ("triton", "mosaic"):
             raise ValueError(f"MatmulConfig.kernel={self.kernel!r} must be 'triton' or 'mosaic'")
         if self.kernel == "mosaic" and (self.block_m != 2 * _MOSAIC_WG_ROWS
-                                        or self.block_n not in _MOSAIC_BLOCK_N or self.split_k):
-            raise ValueError(f"MatmulConfig: the Mosaic kernel needs block_m=128, block_n in "
-                             f"{_MOSAIC_BLOCK_N} and split_k=False, got {self}")
+                                        or self.block_n not in _MOSAIC_BLOCK_N):
+            raise ValueError(f"MatmulConfig: the Mosaic kernel needs block_m=128 and block_n in "
+                             f"{_MOSAIC_BLOCK_N}, got {self}")
         for name in ("block_m", "block_n", "block_k"):
             v = getattr(self, name)
             if self.kernel == "mosaic" and name == "block_n":
@@ -98,10 +98,10 @@ def matmul_config(m: int, n: int, k: int, dtype: Any) -> MatmulConfig:
     """The tile policy: follows M, N and K (bit-neutral), with ``block_k`` fixed per dtype.
 
     Tuned on an H100 (bf16, Llama-3-8B projection shapes, every candidate bitwise equal). On
-    Hopper, bf16/fp16 with M > 128 (M > 256 when K has several chunks) runs the Mosaic GPU kernel
-    where it can (``mosaic_config``); otherwise the Triton kernel (``_triton_config``).
+    Hopper, bf16/fp16 with M > 128 runs the Mosaic GPU kernel where it can (``mosaic_config``);
+    otherwise the Triton kernel (``_triton_config``).
     """
-    if be.is_hopper() and m > (256 if k > _K_CHUNK else 128):
+    if be.is_hopper() and m > 128:
         cfg = mosaic_config(m, n, k, dtype)
         if cfg is not None:
             return cfg
@@ -129,7 +129,7 @@ def _triton_config(m: int, n: int, k: int, dtype: Any) -> MatmulConfig:
         if m <= 32:
             return MatmulConfig(16, 64, bk, num_warps=4, num_stages=8, split_k=True)
         if m <= 128:
-            return MatmulConfig(64, 64, bk, num_warps=4, num_stages=4, split_k=True)
+            return MatmulConfig(64, 64, bk, num_warps=4, num_stages=6, split_k=True)
         if m <= 256:
             return MatmulConfig(128, 128, bk, num_warps=4, num_stages=4, split_k=True)
         return MatmulConfig(128, 128, bk, num_warps=8, num_stages=3, split_k=True)
@@ -146,7 +146,7 @@ def _triton_config(m: int, n: int, k: int, dtype: Any) -> MatmulConfig:
         if m <= 64 and n <= 4096:
             return MatmulConfig(16, 64, bk, num_warps=4, num_stages=6)
         if m <= 128:
-            return MatmulConfig(64, 64, bk, num_warps=4, num_stages=4)
+            return MatmulConfig(64, 64, bk, num_warps=4, num_stages=6)
         if m <= 256:
             return MatmulConfig(64, 128, bk, num_warps=4, num_stages=4)
     big = MatmulConfig(128, 256, bk, num_warps=8, num_stages=4 if wide else 3)
@@ -329,6 +329,12 @@ def _bmm_pallas(a, b, bias, *, out_dtype, precision, config, key):
         num_stages=cfg.num_stages,
         name="bi_jax_matmul_split_k",
     )(a, b)
+    return _sum_partials(partials, bias, out_dtype)
+
+
+def _sum_partials(partials, bias, out_dtype):
+    """partials [chunks, B, M, N] fp32 -> [B, M, N]: ``_sum_kernel``'s ordered sum (+ bias)."""
+    chunks, nb, m, n = partials.shape
     return be.pallas_call(
         functools.partial(_sum_kernel, m=m, n=n, chunks=chunks, has_bias=bias is not None),
         out_shape=jax.ShapeDtypeStruct((nb, m, n), out_dtype),
@@ -371,46 +377,59 @@ def _mosaic_supported(m: int, n: int, k: int, dtype: Any) -> bool:
 
 def mosaic_config(m: int, n: int, k: int, dtype: Any) -> MatmulConfig | None:
     """The Mosaic GPU kernel's config for a shape (None where it cannot run): 128x256, 128x192 or
-    128x128 tiles, whichever wastes least of the last wave of tiles over the SMs (the narrower
-    tiles run at ~0.93 and ~0.86 of the widest one's rate, H100).
+    128x128 tiles, whichever wastes least of the last wave of work items over the SMs (the
+    narrower tiles run at ~0.93 and ~0.86 of the widest one's rate, H100). Up to M = 256 with
+    several K chunks, each (tile, chunk) is an item of its own (``split_k``): a tile's whole K
+    would leave most SMs idle.
 
-    ``matmul_config`` takes it on Hopper from M = 129 (257 with several K chunks), where it was
-    faster than the Triton kernel in the H100 matmul sweep; its bits are the Triton kernel's.
+    ``matmul_config`` takes it on Hopper from M = 129, where it was faster than the Triton kernel
+    in the H100 matmul sweep; its bits are the Triton kernel's.
     """
     dtype = jnp.dtype(dtype)
     if not _mosaic_supported(m, n, k, dtype):
         return None
+    split = k > _K_CHUNK and m <= 256
+    items = be.cdiv(k, _K_CHUNK) if split else 1
 
-    def cost(bn):  # time ~ waves of tiles x work per tile / rate
-        return _waves(m, n, MatmulConfig(128, bn, 16, kernel="mosaic")) * bn / _MOSAIC_TILES[bn][1]
+    def cost(bn):  # time ~ waves of items x work per item / rate
+        tiles = be.cdiv(m, 128) * be.cdiv(n, bn) * items
+        return be.cdiv(tiles, _SMS) * bn / _MOSAIC_TILES[bn][1]
 
     bn = min(_MOSAIC_BLOCK_N, key=cost)
-    return MatmulConfig(128, bn, _BLOCK_K[dtype], num_stages=_MOSAIC_TILES[bn][0], kernel="mosaic")
+    return MatmulConfig(128, bn, _BLOCK_K[dtype], num_stages=_MOSAIC_TILES[bn][0], split_k=split,
+                        kernel="mosaic")
 
 
 def _mosaic_kernel(a_ref, b_ref, o_ref, scratch, *, m, n, k, cfg, k_chunk, n_cta):
     """Warp-specialised, persistent matmul: two compute warpgroups (64 rows each) and one TMA
-    producer per CTA; CTA ``c`` runs tiles ``c, c + n_cta, ...`` (grouped along M as
-    ``_tile_coords``; no numerics). The arithmetic is ``_fused_kernel``'s: per K chunk a fresh
-    fp32 accumulator takes the chunk's ``block_k`` blocks in ascending order (wgmma, chained into
-    the accumulator), and ``total = ((0 + p0) + p1) + ...`` is rounded once."""
+    producer per CTA; CTA ``c`` runs items ``c, c + n_cta, ...``, an item being a tile (grouped
+    along M as ``_tile_coords``) or, with ``cfg.split_k``, one K chunk of a tile (chunk-major);
+    no numerics. The arithmetic is ``_fused_kernel``'s: per K chunk a fresh fp32 accumulator
+    takes the chunk's ``block_k`` blocks in ascending order (wgmma, chained into the
+    accumulator), and ``total = ((0 + p0) + p1) + ...`` is rounded once. With ``split_k`` the
+    chunk partials go to ``o_ref`` ([chunks, B, M, N], fp32) for ``_sum_kernel``'s same sum."""
     plgpu = be.mgpu
     a_smem, b_smem, o_smem, a_bar, b_bar, free = scratch
     bm, bn, bk, stages = cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_stages
     i32 = functools.partial(jnp.asarray, dtype=jnp.int32)
     n_blocks, per_chunk = be.cdiv(k, bk), k_chunk // bk
     chunks = be.cdiv(k, k_chunk)
+    split = cfg.split_k and chunks > 1
     tiles_m, tiles_n = be.cdiv(m, bm), be.cdiv(n, bn)
     per_batch = tiles_m * tiles_n
-    n_tiles = o_ref.shape[0] * per_batch
+    n_tiles = a_ref.shape[0] * per_batch
+    n_items = n_tiles * (chunks if split else 1)
     wg, cta = lax.axis_index("wg"), lax.axis_index("cta")
-    n_mine = lax.div(i32(n_tiles) - cta + n_cta - 1, i32(n_cta))
+    n_mine = lax.div(i32(n_items) - cta + n_cta - 1, i32(n_cta))
 
-    def coords(t):  # (batch, first row, first column) of this CTA's tile t
+    def item(t):  # (chunk or 0, batch, first row, first column, first K block, K blocks)
         g = cta + t * n_cta
+        c, g = (lax.div(g, i32(n_tiles)), lax.rem(g, i32(n_tiles))) if split else (i32(0), g)
         batch, g = lax.div(g, i32(per_batch)), lax.rem(g, i32(per_batch))
         pid_m, pid_n = _tile_coords(g, m, n, bm, bn, cfg.group_m)
-        return batch, pid_m * bm, pid_n * bn
+        first = c * per_chunk
+        count = jnp.minimum(per_chunk, n_blocks - first) if split else i32(n_blocks)
+        return c, batch, pid_m * bm, pid_n * bn, first, count
 
     @be.when(wg < 2)
     def _compute():
@@ -418,18 +437,14 @@ def _mosaic_kernel(a_ref, b_ref, o_ref, scratch, *, m, n, k, cfg, k_chunk, n_cta
         lay = plgpu.Layout.WGMMA
         rows = be.ds(wg * _MOSAIC_WG_ROWS, _MOSAIC_WG_ROWS)
 
-        def tile(t, _):
-            batch, row0, col0 = coords(t)
+        def tile(t, g0):  # g0: K blocks this CTA consumed before item t (the ring's position)
+            c, batch, row0, col0, first, count = item(t)
 
-            def chunk(c, total):
-                first = c * per_chunk
-                count = jnp.minimum(per_chunk, n_blocks - first)
-
+            def chunk(start, n_chunk_blocks):  # one fresh accumulator over ring blocks start, ...
                 def mma(acc_ref):
-                    @be.loop(0, count)
+                    @be.loop(0, n_chunk_blocks)
                     def _(i):
-                        g = (t * n_blocks + first + i)
-                        slot = lax.rem(g, i32(stages))
+                        slot = lax.rem(start + i, i32(stages))
                         plgpu.barrier_wait(a_bar.at[slot])
                         plgpu.barrier_wait(b_bar.at[slot])
                         plgpu.wgmma(acc_ref, a_smem.at[slot, rows], b_smem.at[slot])
@@ -437,18 +452,26 @@ def _mosaic_kernel(a_ref, b_ref, o_ref, scratch, *, m, n, k, cfg, k_chunk, n_cta
 
                         @be.when(i > 0)
                         def _():
-                            plgpu.barrier_arrive(free.at[lax.rem(g + stages - 1, i32(stages))])
+                            plgpu.barrier_arrive(free.at[lax.rem(start + i + stages - 1,
+                                                                 i32(stages))])
 
                     plgpu.wgmma_wait(0)
-                    last = t * n_blocks + first + count - 1
+                    last = start + n_chunk_blocks - 1
                     plgpu.barrier_arrive(free.at[lax.rem(last, i32(stages))])
                     return acc_ref[...]
 
-                return total + be.run_scoped(mma, plgpu.ACC((_MOSAIC_WG_ROWS, bn), jnp.float32))
+                return be.run_scoped(mma, plgpu.ACC((_MOSAIC_WG_ROWS, bn), jnp.float32))
 
-            zero = plgpu.layout_cast(jnp.full((_MOSAIC_WG_ROWS, bn), 0.0, jnp.float32), lay)
-            total = lax.fori_loop(0, chunks, chunk, zero)
-            out = total.astype(o_ref.dtype)
+            if split:  # this chunk's partial, unrounded
+                out, dst = chunk(g0, count), o_ref.at[c, batch]
+            else:
+                def fold(ci, total):
+                    first_c = ci * per_chunk
+                    return total + chunk(g0 + first_c, jnp.minimum(per_chunk, n_blocks - first_c))
+
+                zero = plgpu.layout_cast(jnp.full((_MOSAIC_WG_ROWS, bn), 0.0, jnp.float32), lay)
+                out = lax.fori_loop(0, chunks, fold, zero).astype(o_ref.dtype)
+                dst = o_ref.at[batch]
             pieces = bn // _MOSAIC_EPI_COLS
             for j in range(pieces):
                 # the slots alternate across tiles too (an odd piece count would otherwise reuse
@@ -458,38 +481,37 @@ def _mosaic_kernel(a_ref, b_ref, o_ref, scratch, *, m, n, k, cfg, k_chunk, n_cta
                 piece[...] = out[:, j * _MOSAIC_EPI_COLS:(j + 1) * _MOSAIC_EPI_COLS]
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(
-                    piece, o_ref.at[batch, be.ds(row0 + wg * _MOSAIC_WG_ROWS, _MOSAIC_WG_ROWS),
-                                    be.ds(col0 + j * _MOSAIC_EPI_COLS, _MOSAIC_EPI_COLS)])
-            return _
+                    piece, dst.at[be.ds(row0 + wg * _MOSAIC_WG_ROWS, _MOSAIC_WG_ROWS),
+                                  be.ds(col0 + j * _MOSAIC_EPI_COLS, _MOSAIC_EPI_COLS)])
+            return g0 + count
 
-        lax.fori_loop(0, n_mine, tile, None)
+        lax.fori_loop(0, n_mine, tile, i32(0))
         plgpu.wait_smem_to_gmem(0)
 
     @be.when(wg == 2)
     def _producer():
         plgpu.set_max_registers(40, action="decrease")
 
-        def tile(t, _):
-            batch, row0, col0 = coords(t)
+        def tile(t, g0):
+            _, batch, row0, col0, first, count = item(t)
 
-            @be.loop(0, n_blocks)
+            @be.loop(0, count)
             def _(i):
-                g = t * n_blocks + i
+                g = g0 + i
                 slot = lax.rem(g, i32(stages))
 
                 @be.when(g >= stages)
                 def _():
                     plgpu.barrier_wait(free.at[slot])
 
-                ks = be.ds(i * bk, bk)
+                ks = be.ds((first + i) * bk, bk)
                 plgpu.copy_gmem_to_smem(a_ref.at[batch, be.ds(row0, bm), ks], a_smem.at[slot],
                                         a_bar.at[slot])
                 plgpu.copy_gmem_to_smem(b_ref.at[batch, ks, be.ds(col0, bn)], b_smem.at[slot],
                                         b_bar.at[slot])
-            return _
+            return g0 + count
 
-        lax.fori_loop(0, n_mine, tile, None)
-        g_end = n_mine * n_blocks
+        g_end = lax.fori_loop(0, n_mine, tile, i32(0))
 
         @be.loop(jnp.maximum(g_end - stages, 0), g_end)
         def _last(g):  # see the last slots released before the CTA's barriers go away
@@ -497,12 +519,16 @@ def _mosaic_kernel(a_ref, b_ref, o_ref, scratch, *, m, n, k, cfg, k_chunk, n_cta
 
 
 def _bmm_mosaic(a, b, *, out_dtype, cfg):
-    """Launcher of ``_mosaic_kernel``: a [B, M, K], b [B, K, N] -> [B, M, N] (no bias)."""
+    """Launcher of ``_mosaic_kernel``: a [B, M, K], b [B, K, N] -> [B, M, N] (no bias); with
+    ``cfg.split_k`` and several K chunks, fp32 chunk partials and ``_sum_partials``."""
     nb, m, k = a.shape
     n = b.shape[2]
     if m % 8:  # rows are independent: zero rows in, their outputs dropped
         return _bmm_mosaic(jnp.pad(a, ((0, 0), (0, -m % 8), (0, 0))), b, out_dtype=out_dtype,
                            cfg=cfg)[:, :m]
+    chunks = be.cdiv(k, _K_CHUNK)
+    split = cfg.split_k and chunks > 1
+    final_dtype, out_dtype = out_dtype, jnp.float32 if split else out_dtype
     dt = a.dtype
     itemsize = jnp.dtype(dt).itemsize
     tr = (be.mgpu.TilingTransform((8, 128 // itemsize)), be.mgpu.SwizzleTransform(128))
@@ -520,8 +546,8 @@ def _bmm_mosaic(a, b, *, out_dtype, cfg):
         be.mgpu.Barrier(num_barriers=st),  # b block loaded
         be.mgpu.Barrier(num_arrivals=2, num_barriers=st),  # slot free (both warpgroups done)
     )
-    n_tiles = nb * be.cdiv(m, bm) * be.cdiv(n, bn)
-    n_cta = min(n_tiles, be.sm_count())
+    n_items = nb * be.cdiv(m, bm) * be.cdiv(n, bn) * (chunks if split else 1)
+    n_cta = min(n_items, be.sm_count())
 
     def entry(a_ref, b_ref, o_ref):
         be.run_scoped(
@@ -529,10 +555,12 @@ def _bmm_mosaic(a, b, *, out_dtype, cfg):
                                        k_chunk=_K_CHUNK, n_cta=n_cta),
             *scratch, collective_axes="wg")
 
-    return be.mosaic_kernel(
-        entry, out_type=jax.ShapeDtypeStruct((nb, m, n), out_dtype), grid=(n_cta,),
-        grid_names=("cta",), num_threads=3, thread_name="wg",
+    out = be.mosaic_kernel(
+        entry, out_type=jax.ShapeDtypeStruct((chunks, nb, m, n) if split else (nb, m, n),
+                                             out_dtype),
+        grid=(n_cta,), grid_names=("cta",), num_threads=3, thread_name="wg",
     )(a, b)
+    return _sum_partials(out, None, final_dtype) if split else out
 
 
 # --------------------------------------------------------------------------------------- reference

@@ -329,16 +329,18 @@ def test_errors_raise_at_trace_time():
 
 # ------------------------------------------------------------------------- Mosaic GPU kernel
 
-MOSAIC_CONFIGS = [MatmulConfig(128, bn, 64, num_stages=st, kernel="mosaic")
-                  for bn, st in ((256, 4), (192, 4), (128, 6))]
+MOSAIC_CONFIGS = [MatmulConfig(128, bn, 64, num_stages=st, split_k=split, kernel="mosaic")
+                  for split in (False, True) for bn, st in ((256, 4), (192, 4), (128, 6))]
+MOSAIC_IDS = [f"128x{c.block_n}{'-split' if c.split_k else ''}" for c in MOSAIC_CONFIGS]
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-@pytest.mark.parametrize("cfg", MOSAIC_CONFIGS, ids=["128x256", "128x192", "128x128"])
+@pytest.mark.parametrize("cfg", MOSAIC_CONFIGS, ids=MOSAIC_IDS)
 def test_mosaic_kernel(dtype, cfg, k_chunk, monkeypatch):
     """The Hopper kernel (interpreted without a GPU): accuracy on ragged edges (rows and columns
     past a tile, M not a multiple of 8) with a batch dimension, and rows whose bits do not depend
-    on M or on how many tiles each persistent CTA runs (2 CTAs vs one per tile). Its bits equal
+    on M or on how many tiles each persistent CTA runs (2 CTAs vs one per tile), with a CTA's
+    items whole tiles or (``split_k``, several K chunks) one chunk of a tile each. Its bits equal
     the Triton kernel's on the GPU (``test_gpu_every_config_same_bits``); jax's interpreter does
     not emulate the tensor cores' rounding, so that is not asserted here."""
     a, b = randn((2, 200, 192), dtype), randn((2, 192, 320), dtype)
@@ -355,14 +357,16 @@ def test_mosaic_kernel(dtype, cfg, k_chunk, monkeypatch):
     testing.assert_bitwise_equal(mm(a, b), full, what="2 persistent CTAs vs one per tile")
 
 
-@pytest.mark.parametrize("cfg", MOSAIC_CONFIGS, ids=["128x256", "128x192", "128x128"])
+@pytest.mark.parametrize("cfg", MOSAIC_CONFIGS, ids=MOSAIC_IDS)
 def test_mosaic_kernel_has_no_data_races(cfg, monkeypatch):
     """jax's GPU-interpret race detector over the barrier protocol: 2 CTAs of 3-4 tiles each, two
     K blocks per tile (the producer runs ahead), so the epilogue's SMEM slots and the K ring turn
     over between tiles. (With the output slots alternating per tile instead of across tiles, the
-    128x192 tile's odd piece count raced here.)"""
+    128x192 tile's odd piece count raced here.) The split configs get two K chunks per tile."""
     a, b = randn((260, 128), jnp.bfloat16), randn((128, 384), jnp.bfloat16)
     monkeypatch.setattr(be, "sm_count", lambda: 2)
+    if cfg.split_k:
+        monkeypatch.setattr(_mm, "_K_CHUNK", 64)
     with be.race_detection() as races_found:
         out = bi_jax.matmul(a, b, implementation="pallas", config=cfg)
         jax.block_until_ready(out)
@@ -410,13 +414,17 @@ def test_mosaic_config_falls_back_to_triton_where_it_cannot_run(monkeypatch):
 
 
 def test_hopper_policy_picks_mosaic_for_large_m(monkeypatch):
-    """On Hopper the policy takes the Mosaic kernel from M = 129 (257 with several K chunks) where
-    it can run, with the tile that wastes least of the last wave; elsewhere the Triton kernel."""
+    """On Hopper the policy takes the Mosaic kernel from M = 129 where it can run, with the tile
+    that wastes least of the last wave, one item per K chunk up to M = 256; elsewhere the Triton
+    kernel."""
     monkeypatch.setattr(be, "_device_is_hopper", lambda: True)
-    for (k, n), first in (((4096, 4096), 129), ((14336, 4096), 257)):
-        kinds = {m: matmul_config(m, n, k, jnp.bfloat16).kernel for m in (1, 128, 129, 256, 257, 4096)}
-        assert {m for m, kind in kinds.items() if kind == "mosaic"} == {
-            m for m in kinds if m >= first}, (k, n, kinds)
+    for k, n in ((4096, 4096), (14336, 4096)):
+        cfgs = {m: matmul_config(m, n, k, jnp.bfloat16) for m in (1, 128, 129, 256, 257, 4096)}
+        assert {m for m, c in cfgs.items() if c.kernel == "mosaic"} == {129, 256, 257, 4096}, cfgs
+        assert {m for m, c in cfgs.items() if c.kernel == "mosaic" and c.split_k} == (
+            {129, 256} if k > _mm._K_CHUNK else set()), cfgs
+    # down projection, M = 256: 64 tiles of 128x128, two chunks each: 128 items, one wave
+    assert matmul_config(256, 4096, 14336, jnp.bfloat16).block_n == 128
     for shape in ((4096, 4096, 100), (4096, 200, 4096)):  # K or N the TMA cannot tile
         assert matmul_config(*shape, jnp.bfloat16).kernel == "triton", shape
     assert matmul_config(4096, 4096, 4096, jnp.float32).kernel == "triton"
