@@ -428,7 +428,7 @@ def test_hopper_policy_picks_mosaic_for_large_m(monkeypatch):
     for shape in ((4096, 4096, 100), (4096, 200, 4096)):  # K or N the TMA cannot tile
         assert matmul_config(*shape, jnp.bfloat16).kernel == "triton", shape
     assert matmul_config(4096, 4096, 4096, jnp.float32).kernel == "triton"
-    assert _mm.mosaic_config(64, 4096, 4096, jnp.bfloat16) is None  # less than one row tile
+    assert _mm._mosaic_config(64, 4096, 4096, jnp.bfloat16) is None  # less than one row tile
     # QKV, M = 512: 96 tiles of 128x256 (one wave, 2 units each) lose to 128 of 128x192
     assert matmul_config(512, 6144, 4096, jnp.bfloat16).block_n == 192
     assert matmul_config(4096, 4096, 4096, jnp.bfloat16).block_n == 256
