@@ -159,9 +159,10 @@ _SMS = 132  # streaming multiprocessors of an H100 SXM: sizes the waves below, n
 _SMALL_TILE_RATE = 0.86  # a 128x128 tile computes at ~0.86 of a 128x256 tile's rate (H100 sweep)
 
 
-def _waves(m: int, n: int, cfg: MatmulConfig) -> int:
-    """Waves of ``cfg``'s tiles over the SMs (the last one partly idle: wave quantisation)."""
-    return -(-(-(-m // cfg.block_m) * -(-n // cfg.block_n)) // _SMS)
+def _waves(m: int, n: int, cfg: MatmulConfig, items_per_tile: int = 1) -> int:
+    """Waves of ``cfg``'s work items (``items_per_tile`` per tile) over the SMs (the last one partly
+    idle: wave quantisation)."""
+    return -(-(-(-m // cfg.block_m) * -(-n // cfg.block_n) * items_per_tile) // _SMS)
 
 
 def shipped_configs(dtype: Any) -> tuple[MatmulConfig, ...]:
@@ -394,8 +395,8 @@ def _mosaic_config(m: int, n: int, k: int, dtype: Any) -> MatmulConfig | None:
     items = be.cdiv(k, _K_CHUNK) if split else 1
 
     def cost(bn):  # time ~ waves of items x work per item / rate
-        tiles = be.cdiv(m, 128) * be.cdiv(n, bn) * items
-        return be.cdiv(tiles, _SMS) * bn / _MOSAIC_TILES[bn][1]
+        tile = MatmulConfig(128, bn, 16, kernel="mosaic")
+        return _waves(m, n, tile, items) * bn / _MOSAIC_TILES[bn][1]
 
     bn = min(_MOSAIC_BLOCK_N, key=cost)
     return MatmulConfig(128, bn, _BLOCK_K[dtype], num_stages=_MOSAIC_TILES[bn][0], split_k=split,
