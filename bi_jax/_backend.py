@@ -169,6 +169,11 @@ def mosaic_kernel(body: Callable[..., None], *, out_type: Any, grid: tuple[int, 
 
     ``approx_math``: ``exp2`` is the hardware ``ex2.approx.ftz.f32`` (the Triton kernels use the
     same instruction through ``inline_asm`` where their bits must match); division is unchanged.
+
+    In interpret mode each of the ``num_threads`` warpgroups is a host thread whose callbacks
+    block on the simulated barriers, on the XLA CPU client's thread pool (as many threads as
+    cores unless ``PJRT_NPROC`` says otherwise, read when jax starts). With fewer pool threads
+    than ``num_threads + 1`` a kernel can wait forever; the tests set ``PJRT_NPROC``.
     """
     interpret = None
     if interpret_mode():
