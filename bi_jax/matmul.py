@@ -395,7 +395,7 @@ def _mosaic_config(m: int, n: int, k: int, dtype: Any) -> MatmulConfig | None:
     items = be.cdiv(k, _K_CHUNK) if split else 1
 
     def cost(bn):  # time ~ waves of items x work per item / rate
-        tile = MatmulConfig(128, bn, 16, kernel="mosaic")
+        tile = MatmulConfig(128, bn, _BLOCK_K[dtype], kernel="mosaic")
         return _waves(m, n, tile, items) * bn / _MOSAIC_TILES[bn][1]
 
     bn = min(_MOSAIC_BLOCK_N, key=cost)

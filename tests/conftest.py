@@ -12,7 +12,7 @@ import os
 # simulated barriers until every warpgroup arrives; the callbacks run on the XLA CPU client's
 # thread pool, sized by default to the machine's cores. On a 2-core machine under load the pool
 # filled with blocked callbacks and the race-detection test hung (CI timed out; reproduced here
-# with PJRT_NPROC=1 every time, and with the default 2 in 2 of 6 loaded runs). A pool wider than
+# with PJRT_NPROC=1 every time, and with the default 2 in 3 of 11 loaded runs). A pool wider than
 # the kernels' threads (a launch callback + 3 warpgroups) removes the wait; set before jax starts.
 os.environ.setdefault("PJRT_NPROC", str(max(16, os.cpu_count() or 1)))
 
