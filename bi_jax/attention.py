@@ -287,16 +287,66 @@ def _init_state(rows_shape: tuple[int, ...], d: int):
     )
 
 
+# ------------------------------------------------------------------------------------ row lengths
+
+
+@dataclasses.dataclass(frozen=True)
+class _Lens:
+    """Where a batch row's ``(q_start, q_len, kv_len)`` comes from: the caller's ``[B]`` length
+    arrays, passed to the kernels as they are (``count`` of them, ahead of q/k/v), and shape
+    constants. No XLA op combines them first: each would be a kernel launch of its own (~1.2 us, a
+    tenth of a decode step's attention at B = 1).
+
+    Decode: ``kv_len = lengths``, ``q_len = q_lengths`` (or Tq), ``q_start = kv_len - q_len``.
+    Prefill: ``kv_len = kv_lengths`` (or Tk), ``q_len = Tq``, ``q_start = q_offset`` (or Tk - Tq).
+    Lengths are clipped where they are read, to ``[0, Tk]`` and ``[0, Tq]`` (traced values cannot
+    be range-checked at trace time).
+    """
+
+    decode: bool
+    has_kv: bool  # kv_len from an array (decode: always)
+    has_q: bool  # decode: q_lengths given; prefill: q_offset given
+    tq: int
+    tk: int
+
+    @property
+    def count(self) -> int:
+        return int(self.has_kv) + int(self.has_q)
+
+    def row(self, refs, b):
+        """``(q_start, q_len, kv_len)`` of row ``b`` (``refs``: the length refs or arrays)."""
+        it = iter(refs)
+        i32 = functools.partial(jnp.asarray, dtype=jnp.int32)
+        kv_len = jnp.clip(next(it)[b], 0, self.tk) if self.has_kv else i32(self.tk)
+        if self.decode:
+            q_len = jnp.clip(next(it)[b], 0, self.tq) if self.has_q else i32(self.tq)
+            return kv_len - q_len, q_len, kv_len
+        q_start = next(it)[b] if self.has_q else i32(self.tk - self.tq)
+        return q_start, i32(self.tq), kv_len
+
+    def stacked(self, arrays, nb: int):
+        """``[B, 3]`` int32: ``(q_start, q_len, kv_len)`` of every row (the jnp paths)."""
+        return jnp.stack([jnp.broadcast_to(x, (nb,)) for x in self.row(arrays, slice(None))], 1)
+
+    def kernel(self, body):
+        """``body(meta, *refs)`` as a kernel taking the length refs first; ``meta(b)`` reads row
+        ``b``'s ``(q_start, q_len, kv_len)``."""
+        def wrapped(*refs):
+            return body(functools.partial(self.row, refs[:self.count]), *refs[self.count:])
+
+        return wrapped
+
+
 # ----------------------------------------------------------------------------------------- kernels
 
 
-def _tile_rows(meta_ref, pid0, tb, *, geo: _Geometry, causal: bool):
+def _tile_rows(meta, pid0, tb, *, geo: _Geometry, causal: bool):
     """Bookkeeping of tile (pid0, tb): batch row, KV head, first head, row validity, ``n``."""
     per_b = geo.hkv * geo.n_hsub
     b = lax.div(pid0, per_b)
     kvh = lax.div(lax.rem(pid0, per_b), geo.n_hsub)
     g0 = lax.rem(pid0, geo.n_hsub) * geo.bg
-    q_start, q_len, kv_len = meta_ref[b, 0], meta_ref[b, 1], meta_ref[b, 2]
+    q_start, q_len, kv_len = meta(b)
     r = jnp.arange(geo.rows, dtype=jnp.int32)
     t = tb * geo.bt + lax.div(r, geo.bg)
     g = g0 + lax.rem(r, geo.bg)
@@ -384,7 +434,7 @@ def _split_partial(q, k_ref, v_ref, b, kvh, j, kv_len, n, *, geo, cfg, c, precis
                          _init_state((geo.rows,), geo.d))
 
 
-def _attention_kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, *, geo, cfg, causal, c, precision,
+def _attention_kernel(meta, q_ref, k_ref, v_ref, o_ref, *, geo, cfg, causal, c, precision,
                       token_major: bool):
     """Fold mode: one program owns a tile of rows and runs all its splits, folding in registers.
 
@@ -398,7 +448,7 @@ def _attention_kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, *, geo, cfg, causal,
         tb, pid0 = be.program_id(0), be.program_id(1)
     else:  # grid (KV-head tiles, token blocks)
         pid0, tb = be.program_id(0), be.program_id(1)
-    b, kvh, g0, kv_len, valid, n = _tile_rows(meta_ref, pid0, tb, geo=geo, causal=causal)
+    b, kvh, g0, kv_len, valid, n = _tile_rows(meta, pid0, tb, geo=geo, causal=causal)
     q = _load_q(q_ref, b, tb, kvh, g0, geo=geo)  # [rows, D]
     bk = cfg.block_k
     per_split = cfg.split_size // bk
@@ -427,11 +477,11 @@ def _attention_kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, *, geo, cfg, causal,
     _store_o(o_ref, _finalize(state), b, tb, kvh, g0, geo=geo)
 
 
-def _split_kernel(meta_ref, q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, *, geo, cfg, causal, c,
+def _split_kernel(meta, q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, *, geo, cfg, causal, c,
                   precision, part_rows):
     """Split mode, phase 1: program (tile, j) writes the fp32 partial of split ``j``."""
     pid0, tb, j = be.program_id(0), be.program_id(1), be.program_id(2)
-    b, kvh, g0, kv_len, _, n = _tile_rows(meta_ref, pid0, tb, geo=geo, causal=causal)
+    b, kvh, g0, kv_len, _, n = _tile_rows(meta, pid0, tb, geo=geo, causal=causal)
     q = _load_q(q_ref, b, tb, kvh, g0, geo=geo)  # [rows, D]
     m, l, acc = _split_partial(q, k_ref, v_ref, b, kvh, j, kv_len, n, geo=geo, cfg=cfg, c=c,
                                precision=precision)
@@ -454,7 +504,7 @@ def _combine_unroll(geo: _Geometry, cfg: AttentionConfig) -> int:
     return min(1 << (n - 1).bit_length(), 1 << (cap.bit_length() - 1))
 
 
-def _combine_kernel(meta_ref, m_ref, l_ref, acc_ref, o_ref, *, geo, cfg, causal):
+def _combine_kernel(meta, m_ref, l_ref, acc_ref, o_ref, *, geo, cfg, causal):
     """Split mode, phase 2: fold the partials of splits 0, 1, 2, ... in order and normalise.
 
     The loads of ``_combine_unroll`` consecutive partials are issued together (they do not depend
@@ -466,7 +516,7 @@ def _combine_kernel(meta_ref, m_ref, l_ref, acc_ref, o_ref, *, geo, cfg, causal)
     """
     fold = functools.partial(_fold, exp2=_ex2_ftz) if cfg.kernel == "mosaic" else _fold
     pid0, tb = be.program_id(0), be.program_id(1)
-    b, kvh, g0, _, _, n = _tile_rows(meta_ref, pid0, tb, geo=geo, causal=causal)
+    b, kvh, g0, _, _, n = _tile_rows(meta, pid0, tb, geo=geo, causal=causal)
     num_splits = lax.div(jnp.max(n) + (cfg.split_size - 1), cfg.split_size)
     rows = be.ds(0, geo.rows)
 
@@ -524,6 +574,13 @@ class _MosaicGeometry:
     group: int  # real query heads per row group (r == 1: 1)
     d: int
     n_wg: int  # compute warpgroups per CTA (1 in split mode: every row fits one)
+    heads_first: bool = False  # q2 is [B, H2, U, D] (one decode token: q as it lies)
+
+    def rows_at(self, ref, b, u0, h2):
+        """The 64 row slots from ``u0`` of head ``h2`` of batch row ``b`` in q2-shaped ``ref``."""
+        if self.heads_first:
+            return ref.at[b, h2, be.ds(u0, _WG_ROWS)]
+        return ref.at[b, be.ds(u0, _WG_ROWS), h2]
 
     @property
     def pair_heads(self) -> bool:
@@ -538,9 +595,9 @@ class _MosaicGeometry:
         return be.cdiv(self.u, _WG_ROWS if self.pair_heads else self.n_wg * _WG_ROWS)
 
 
-def _mosaic_rows(meta_ref, b, u0, *, geo: _MosaicGeometry, causal: bool):
+def _mosaic_rows(meta, b, u0, *, geo: _MosaicGeometry, causal: bool):
     """Per-row valid-key counts ``n [64]`` of rows ``u0 ..`` and the tile's smallest/largest n."""
-    q_start, q_len, kv_len = meta_ref[b, 0], meta_ref[b, 1], meta_ref[b, 2]
+    q_start, q_len, kv_len = meta(b)
     u = u0 + be.mgpu.broadcasted_iota(jnp.int32, (_WG_ROWS, 8), 0,
                                       layout=be.mgpu.Layout.WGMMA).max(axis=1)
     t = lax.div(u, jnp.int32(geo.r))
@@ -559,7 +616,7 @@ def _mosaic_rows(meta_ref, b, u0, *, geo: _MosaicGeometry, causal: bool):
     return n, jnp.where(any_valid, n_of(t_first), 0), jnp.where(any_valid, n_of(t_last), 0)
 
 
-def _mosaic_kernel(meta_ref, sched_ref, q_ref, k_ref, v_ref, out_refs, scratch, *,
+def _mosaic_kernel(meta, sched_ref, q_ref, k_ref, v_ref, out_refs, scratch, *,
                    geo: _MosaicGeometry, cfg: AttentionConfig, causal: bool, c: float,
                    n_splits: int, n_bj: int, n_cta: int):
     """Warp-specialised, persistent attention: two compute warpgroups and one TMA producer per CTA.
@@ -629,7 +686,7 @@ def _mosaic_kernel(meta_ref, sched_ref, q_ref, k_ref, v_ref, out_refs, scratch, 
         return i32(0), hi
 
     def cta_range(pair, tb, b, j):  # blocks the CTA loads for an item (the union of its rows')
-        ranges = [block_range(j, _mosaic_rows(meta_ref, b, tile(pair, tb, w)[1], geo=geo,
+        ranges = [block_range(j, _mosaic_rows(meta, b, tile(pair, tb, w)[1], geo=geo,
                                               causal=causal)[2]) for w in range(geo.n_wg)]
         return ranges[0][0], functools.reduce(jnp.maximum, [r[1] for r in ranges])
 
@@ -663,8 +720,8 @@ def _mosaic_kernel(meta_ref, sched_ref, q_ref, k_ref, v_ref, out_refs, scratch, 
         def item(k, g):  # g: the CTA's K/V blocks before this item (the pipeline's position)
             pair, tb, b, j_only = plan(k)
             h2, u0 = tile(pair, tb, wg)
-            n, n_min, n_max = _mosaic_rows(meta_ref, b, u0, geo=geo, causal=causal)
-            kv_len = meta_ref[b, 2]
+            n, n_min, n_max = _mosaic_rows(meta, b, u0, geo=geo, causal=causal)
+            kv_len = meta(b)[2]
             lo, hi = block_range(j_only, n_max)
             cta_lo, cta_hi = cta_range(pair, tb, b, j_only)
 
@@ -787,7 +844,7 @@ def _mosaic_kernel(meta_ref, sched_ref, q_ref, k_ref, v_ref, out_refs, scratch, 
                 plgpu.commit_smem()  # every thread has read the total before the output aliases it
                 out_smem[...] = _finalize((m, l, acc)).astype(dtype)
                 plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(out_smem, out_refs[0].at[b, be.ds(u0, _WG_ROWS), h2])
+                plgpu.copy_smem_to_gmem(out_smem, geo.rows_at(out_refs[0], b, u0, h2))
             return g + (cta_hi - cta_lo)
 
         lax.fori_loop(0, n_mine, item, i32(0))
@@ -822,7 +879,7 @@ def _mosaic_kernel(meta_ref, sched_ref, q_ref, k_ref, v_ref, out_refs, scratch, 
             def load_q():
                 for w in range(geo.n_wg):
                     h2, u0 = tile(pair, tb, w)
-                    plgpu.copy_gmem_to_smem(q_ref.at[b, be.ds(u0, _WG_ROWS), h2], q_smem2.at[w],
+                    plgpu.copy_gmem_to_smem(geo.rows_at(q_ref, b, u0, h2), q_smem2.at[w],
                                             q_bar.at[w])
 
             be.when(k == 0)(load_q)
@@ -896,31 +953,38 @@ def _mosaic_schedule(geo: _MosaicGeometry, *, nb: int, n_cta: int, causal: bool,
     return table
 
 
-def _attend_mosaic(q, k, v, meta, *, causal, c, cfg):
+def _attend_mosaic(q, k, v, lengths, *, lens, causal, c, cfg):
     """Launcher of the Mosaic GPU kernel (+ the Triton combine in split mode); same I/O as
     ``_attend_pallas``. Pads (rows to a multiple of 8, keys to a multiple of 8 and at least one
-    block: the TMA's tiling) and transposes q/o for the packed geometry; none of it moves bits."""
+    block: the TMA's tiling) and transposes q/o for the packed geometry, except for one decode
+    token of a power-of-two group, whose q it reads as it lies; none of it moves bits."""
     nb, tq, hq, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     group = hq // hkv
     bg = 1 << (group - 1).bit_length()
     packed = bg <= _WG_ROWS and tq * bg <= 2 * _WG_ROWS  # one CTA covers every row
-    if packed:  # rows (token, head of the group): q2 [B, tq * bg, Hkv, D]
+    heads_first = packed and tq == 1 and bg == group
+    if heads_first:  # one token: q [B, 1, Hq, D] is q2 [B, Hkv, group, D] as it lies, no copy
+        q2, r, h2, group2, u_valid = q.reshape(nb, hkv, group, d), bg, hkv, 1, group
+    elif packed:  # rows (token, head of the group): q2 [B, tq * bg, Hkv, D]
         q2 = q.reshape(nb, tq, hkv, group, d).transpose(0, 1, 3, 2, 4)
         q2 = jnp.pad(q2, ((0, 0), (0, 0), (0, bg - group), (0, 0), (0, 0)))
         q2 = q2.reshape(nb, tq * bg, hkv, d)
         r, h2, group2, u_valid = bg, hkv, 1, tq * bg
     else:
         q2, r, h2, group2, u_valid = q, 1, hq, group, tq
-    u = -(-u_valid // 8) * 8
-    q2 = jnp.pad(q2, ((0, 0), (0, u - u_valid), (0, 0), (0, 0)))
+    if heads_first:  # u = group: up to 8 rows are one short TMA tile, more are whole tiles (a
+        u = u_valid  # power of two); the TMA fills the row slots past the group with zeros
+    else:
+        u = -(-u_valid // 8) * 8
+        q2 = jnp.pad(q2, ((0, 0), (0, u - u_valid), (0, 0), (0, 0)))
     tk_pad = max(-(-tk // 8) * 8, cfg.block_k)
     if tk_pad != tk:  # a copy of K/V: only for key counts that are not a multiple of 8
         k, v = (jnp.pad(x, ((0, 0), (0, tk_pad - tk), (0, 0), (0, 0))) for x in (k, v))
     split = packed and u_valid <= _WG_ROWS and (
         cfg.split_kv if cfg.split_kv is not None else tk > cfg.split_size)
     n_wg = 1 if split else 2
-    geo = _MosaicGeometry(u, u_valid, h2, group2, r, group if packed else 1, d, n_wg)
+    geo = _MosaicGeometry(u, u_valid, h2, group2, r, group if packed else 1, d, n_wg, heads_first)
     n_splits = be.cdiv(tk, cfg.split_size) if split else 0
     dt = q.dtype
     itemsize = jnp.dtype(dt).itemsize
@@ -962,29 +1026,31 @@ def _attend_mosaic(q, k, v, meta, *, causal, c, cfg):
     sched = () if split else (jnp.asarray(_mosaic_schedule(
         geo, nb=nb, n_cta=n_cta, causal=causal, tq=tq, tk=tk, bk=bk)),)
 
-    def entry(meta_ref, *refs):
+    def entry(meta, *refs):
         sched_ref = None if split else refs[0]
         q_ref, k_ref, v_ref, *outs = refs[len(sched):]
         be.run_scoped(
-            lambda *sc: _mosaic_kernel(meta_ref, sched_ref, q_ref, k_ref, v_ref, outs, sc, geo=geo,
+            lambda *sc: _mosaic_kernel(meta, sched_ref, q_ref, k_ref, v_ref, outs, sc, geo=geo,
                                        cfg=cfg, causal=causal, c=c, n_splits=n_splits, n_bj=n_bj,
                                        n_cta=n_cta),
             *scratch, collective_axes="wg")
 
     res = be.mosaic_kernel(
-        entry, out_type=out_type, grid=(n_cta,), grid_names=("cta",), num_threads=n_wg + 1,
-        thread_name="wg",
-    )(meta, *sched, q2, k, v)
+        lens.kernel(entry), out_type=out_type, grid=(n_cta,), grid_names=("cta",),
+        num_threads=n_wg + 1, thread_name="wg",
+    )(*lengths, *sched, q2, k, v)
     if split:
         geo_c = _geometry(q.shape, (nb, tk, hkv, d), 1 << (u_valid - 1).bit_length())
         return be.pallas_call(
-            functools.partial(_combine_kernel, geo=geo_c, cfg=cfg, causal=causal),
+            lens.kernel(functools.partial(_combine_kernel, geo=geo_c, cfg=cfg, causal=causal)),
             out_shape=jax.ShapeDtypeStruct(q.shape, dt),
             grid=(geo_c.programs, geo_c.n_tblk),
             num_warps=cfg.combine_num_warps,
             num_stages=1,
             name="bi_jax_attention_combine",
-        )(meta, *res)
+        )(*lengths, *res)
+    if heads_first:
+        return res[0].reshape(nb, tq, hq, d)
     o2 = res[0][:, :u_valid]
     if packed:
         o2 = o2.reshape(nb, tq, bg, hkv, d)[:, :, :group].transpose(0, 1, 3, 2, 4)
@@ -1007,8 +1073,9 @@ def _use_split_kv(cfg: AttentionConfig, geo: _Geometry) -> bool:
 _TOKEN_MAJOR_KV_BYTES = 32 << 20  # prefill launch order (H100, measured 2026-11-24); no numerics
 
 
-def _attend_pallas(q, k, v, meta, *, causal, c, cfg):
-    """Launcher: q [B, Tq, Hq, D], k/v [B, Tk, Hkv, D], meta [B, 3] int32 -> [B, Tq, Hq, D]."""
+def _attend_pallas(q, k, v, lengths, *, lens, causal, c, cfg):
+    """Launcher: q [B, Tq, Hq, D], k/v [B, Tk, Hkv, D], ``lengths`` (``lens.count`` int32 [B])
+    -> [B, Tq, Hq, D]."""
     geo = _geometry(q.shape, k.shape, cfg.block_q)
     common = dict(geo=geo, cfg=cfg, causal=causal)
     precision = _precision(q.dtype)
@@ -1021,20 +1088,21 @@ def _attend_pallas(q, k, v, meta, *, causal, c, cfg):
         kv_bytes = 2 * k.size * k.dtype.itemsize
         token_major = kv_bytes > _TOKEN_MAJOR_KV_BYTES
         call = be.pallas_call(
-            functools.partial(_attention_kernel, c=c, precision=precision,
-                              token_major=token_major, **common),
+            lens.kernel(functools.partial(_attention_kernel, c=c, precision=precision,
+                                          token_major=token_major, **common)),
             out_shape=out_shape,
             grid=(geo.n_tblk, geo.programs) if token_major else (geo.programs, geo.n_tblk),
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
             name="bi_jax_attention",
         )
-        return call(meta, q, k, v)
+        return call(*lengths, q, k, v)
     n_splits = be.cdiv(geo.tk, cfg.split_size)
     part_rows = geo.rows if geo.n_tblk > 1 else geo.tq * geo.bg  # rows that can ever be valid
     lead = (geo.programs, geo.n_tblk, n_splits, part_rows)
     parts = be.pallas_call(
-        functools.partial(_split_kernel, c=c, precision=precision, part_rows=part_rows, **common),
+        lens.kernel(functools.partial(_split_kernel, c=c, precision=precision, part_rows=part_rows,
+                                      **common)),
         out_shape=(
             jax.ShapeDtypeStruct(lead, jnp.float32),  # m
             jax.ShapeDtypeStruct(lead, jnp.float32),  # l
@@ -1044,18 +1112,18 @@ def _attend_pallas(q, k, v, meta, *, causal, c, cfg):
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         name="bi_jax_attention_split",
-    )(meta, q, k, v)
+    )(*lengths, q, k, v)
     # The combine is elementwise per row, so its tile needs only the rows that can be valid (a
     # decode step: the heads of one token, not block_q rows): same partials, same bits, less work.
     geo_c = _geometry(q.shape, k.shape, min(cfg.block_q, 1 << (part_rows - 1).bit_length()))
     return be.pallas_call(
-        functools.partial(_combine_kernel, geo=geo_c, cfg=cfg, causal=causal),
+        lens.kernel(functools.partial(_combine_kernel, geo=geo_c, cfg=cfg, causal=causal)),
         out_shape=out_shape,
         grid=(geo_c.programs, geo_c.n_tblk),
         num_warps=cfg.combine_num_warps,
         num_stages=1,
         name="bi_jax_attention_combine",
-    )(meta, *parts)
+    )(*lengths, *parts)
 
 
 # --------------------------------------------------------------------------------------- reference
@@ -1152,15 +1220,17 @@ def _attend_xla(q, k, v, meta, *, causal, scale):
     return out.reshape(nb, tq, hq, d).astype(q.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "scale", "impl", "cfg", "key"))
-def _attend(q, k, v, meta, *, causal, scale, impl, cfg, key):
-    """The one core op; ``key`` (``be.trace_key()``) only keys the jit cache."""
+@functools.partial(jax.jit, static_argnames=("lens", "causal", "scale", "impl", "cfg", "key"))
+def _attend(q, k, v, lengths, *, lens, causal, scale, impl, cfg, key):
+    """The one core op: ``lengths`` (a tuple of int32 [B]) read as ``lens`` says; ``key``
+    (``be.trace_key()``) only keys the jit cache."""
     del key
     c = scale * _LOG2E  # scores in the log2 domain: exp2 everywhere
     if impl == "pallas" and cfg.kernel == "mosaic":
-        return _attend_mosaic(q, k, v, meta, causal=causal, c=c, cfg=cfg)
+        return _attend_mosaic(q, k, v, lengths, lens=lens, causal=causal, c=c, cfg=cfg)
     if impl == "pallas":
-        return _attend_pallas(q, k, v, meta, causal=causal, c=c, cfg=cfg)
+        return _attend_pallas(q, k, v, lengths, lens=lens, causal=causal, c=c, cfg=cfg)
+    meta = lens.stacked(lengths, q.shape[0])
     if impl == "reference":
         return _attend_reference(q, k, v, meta, causal=causal, c=c, cfg=cfg)
     return _attend_xla(q, k, v, meta, causal=causal, scale=scale)
@@ -1271,7 +1341,8 @@ def attention(
       scale: static softmax scale (default ``1/sqrt(D)``).
       q_offset: optional int ``[B]``, absolute position of query 0 of each row (causal only).
       kv_lengths: optional int ``[B]``, valid keys per row (padded batches); keys at and past it are
-        never read into the result (they may hold anything, NaN included).
+        never read into the result (they may hold anything, NaN included). Traced values past
+        ``[0, Tk]`` are clipped.
       implementation: None (Pallas on GPU, reference elsewhere), "pallas", "reference" or "xla".
       config: an ``AttentionConfig`` (default ``attention_config(D, dtype)``); its numerics fields
         must match between calls whose bits you compare.
@@ -1288,23 +1359,21 @@ def attention(
     nb, tq, _, d = q.shape
     tk = k.shape[1]
     cfg, scale = _resolve("attention", config, scale, d, dtype)
-    if kv_lengths is None:
-        kv_len = jnp.full((nb,), tk, jnp.int32)
-    else:
-        kv_len = _check_lengths("attention", "kv_lengths", kv_lengths, nb, 0, tk,
-                                f"k has Tk={tk} positions")
-    if q_offset is None:
-        q_start = jnp.full((nb,), tk - tq, jnp.int32)
-    else:
+    lengths = []
+    if kv_lengths is not None:
+        lengths.append(_check_lengths("attention", "kv_lengths", kv_lengths, nb, 0, tk,
+                                      f"k has Tk={tk} positions"))
+    if q_offset is not None:
         if not causal:
             raise ValueError("attention: q_offset only applies to causal attention (causal=True)")
-        q_start = _check_lengths("attention", "q_offset", q_offset, nb, -(2**30), None,
-                                 "absolute position of query 0")
+        lengths.append(_check_lengths("attention", "q_offset", q_offset, nb, -(2**30), None,
+                                      "absolute position of query 0"))
     if nb == 0 or tq == 0 or tk == 0:
         return jnp.zeros(q.shape, dtype)
-    meta = jnp.stack([q_start, jnp.full((nb,), tq, jnp.int32), kv_len], axis=1)
-    return _attend(q, k, v, meta, causal=bool(causal), scale=scale, impl=impl, cfg=cfg,
-                   key=be.trace_key())
+    lens = _Lens(decode=False, has_kv=kv_lengths is not None, has_q=q_offset is not None, tq=tq,
+                 tk=tk)
+    return _attend(q, k, v, tuple(lengths), lens=lens, causal=bool(causal), scale=scale,
+                   impl=impl, cfg=cfg, key=be.trace_key())
 
 
 def decode_attention(
@@ -1347,9 +1416,8 @@ def decode_attention(
     cfg, scale = _resolve("decode_attention", config, scale, d, dtype)
     kv_len = _check_lengths("decode_attention", "lengths", lengths, nb, 0, cap,
                             f"the cache holds S={cap} slots")
-    if q_lengths is None:
-        q_len = jnp.full((nb,), tq, jnp.int32)
-    else:
+    arrays = (kv_len,)
+    if q_lengths is not None:
         q_len = _check_lengths("decode_attention", "q_lengths", q_lengths, nb, 0, tq,
                                f"q has Tq={tq} tokens")
         ql, kl = _concrete(q_len), _concrete(kv_len)
@@ -1357,13 +1425,12 @@ def decode_attention(
             i = int(np.argmax(ql > kl))
             raise ValueError(f"decode_attention: q_lengths[{i}]={int(ql[i])} exceeds "
                              f"lengths[{i}]={int(kl[i])} (the cache must hold the new tokens)")
+        arrays = (kv_len, q_len)
     if nb == 0 or tq == 0 or cap == 0:
         return jnp.zeros(q.shape, dtype)
-    kv_len = jnp.clip(kv_len, 0, cap)
-    q_len = jnp.clip(q_len, 0, tq)
-    meta = jnp.stack([kv_len - q_len, q_len, kv_len], axis=1)
-    return _attend(q, k_cache, v_cache, meta, causal=True, scale=scale, impl=impl, cfg=cfg,
-                   key=be.trace_key())
+    lens = _Lens(decode=True, has_kv=True, has_q=q_lengths is not None, tq=tq, tk=cap)
+    return _attend(q, k_cache, v_cache, arrays, lens=lens, causal=True, scale=scale, impl=impl,
+                   cfg=cfg, key=be.trace_key())
 
 
 def attention_reference(q, k, v, *, causal=True, scale=None, q_offset=None, kv_lengths=None,

@@ -142,7 +142,7 @@ def _triton_config(m: int, n: int, k: int, dtype: Any) -> MatmulConfig:
             return MatmulConfig(128, 128, bk, num_warps=8, num_stages=3)
     else:
         if m <= 32:
-            return MatmulConfig(16, 64, bk, num_warps=4, num_stages=8)
+            return _narrow_config(m, n, bk)
         if m <= 64 and n <= 4096:
             return MatmulConfig(16, 64, bk, num_warps=4, num_stages=6)
         if m <= 128:
@@ -155,6 +155,23 @@ def _triton_config(m: int, n: int, k: int, dtype: Any) -> MatmulConfig:
     return big if 2 * _waves(m, n, big) * _SMALL_TILE_RATE <= _waves(m, n, small) else small
 
 
+def _narrow_config(m: int, n: int, bk: int) -> MatmulConfig:
+    """M <= 32, N <= 8192, one K chunk: 16-row tiles, the widest of 64/32/16 columns that still
+    gives ``_NARROW_MIN_TILES`` tiles. A program streams its column strip of the weights at a
+    roughly fixed time per ``block_k`` step, so wide tiles read faster per program, but too few
+    programs leave SMs idle (N = 2048 in 16x64 tiles: 32 programs, 1.4 TB/s at K = 8192; in 16x16
+    tiles: 128 programs, 2.0 TB/s). H100 sweep, 2026-11-25, every candidate bitwise equal."""
+    bn = next((w for w in (64, 32) if -(-m // 16) * -(-n // w) >= _NARROW_MIN_TILES), 16)
+    if bn == 64:
+        return MatmulConfig(16, 64, bk, num_warps=4, num_stages=8)
+    if bn == 32:
+        return MatmulConfig(16, 32, bk, num_warps=4, num_stages=12)
+    # 2 warps read fastest while the rows are few (M <= 8: K = 8192, N = 2048 in 16.7 us against
+    # 18.4 with one warp), one warp from M = 9 (18.2 against 20.6)
+    return MatmulConfig(16, 16, bk, num_warps=2 if m <= 8 else 1, num_stages=10)
+
+
+_NARROW_MIN_TILES = 96  # programs the narrow tiles aim for (of 132 SMs; 128 at N = 2048 in 16x16)
 _SMS = 132  # streaming multiprocessors of an H100 SXM: sizes the waves below, never the bits
 _SMALL_TILE_RATE = 0.86  # a 128x128 tile computes at ~0.86 of a 128x256 tile's rate (H100 sweep)
 
@@ -167,12 +184,12 @@ def _waves(m: int, n: int, cfg: MatmulConfig, items_per_tile: int = 1) -> int:
 
 def shipped_configs(dtype: Any) -> tuple[MatmulConfig, ...]:
     """Every config ``matmul_config`` can choose for ``dtype`` (for the cross-config tests)."""
-    ms = (1, 32, 64, 128, 256, 512, 4096)
+    ms = (1, 16, 32, 64, 128, 256, 512, 4096)
     return tuple(
         dict.fromkeys(
             matmul_config(m, n, k, dtype)
             for k in (4096, 14336)
-            for n in (4096, 6144, 28672)
+            for n in (512, 2048, 4096, 6144, 28672)
             for m in ms
         )
     )
@@ -214,9 +231,30 @@ def _chunk_partial(a_ref, b_ref, batch, pid_m, pid_n, chunk, *, m, n, k, precisi
             mask=k_ok[:, None] & col_ok[None, :],
             other=0.0,
         )
-        return acc + jnp.dot(a, b, preferred_element_type=jnp.float32, precision=precision)
+        return acc + _block_dot(a, b, precision)
 
     return lax.fori_loop(0, count, body, jnp.zeros((block_m, block_n), jnp.float32))
+
+
+def _block_dot(a, b, precision):
+    """``[block_m, block_k] @ [block_k, block_n]`` in fp32: one MMA per block on the GPU, where an
+    output element's bits do not depend on the tile (the GPU cross-config test). In interpret mode
+    an ascending-k sum of elementwise fp32 products instead: XLA:CPU's dot picks its summation
+    order from the operand shapes (a 16- or 32-column tile sums differently from a 64-column one),
+    which would make the tile policy move bits there."""
+    if not be.interpret_mode():
+        return jnp.dot(a, b, preferred_element_type=jnp.float32, precision=precision)
+    zeros = jnp.zeros((a.shape[0], b.shape[1]), jnp.float32)
+    return _add_products_ascending_k(zeros, a.astype(jnp.float32), b.astype(jnp.float32))
+
+
+def _add_products_ascending_k(acc, a, b):
+    """``((acc + a[..., :, 0] b[..., 0, :]) + a[..., :, 1] b[..., 1, :]) + ...``: fp32 ``a [..., M, C]``
+    and ``b [..., C, N]`` into ``acc [..., M, N]``, elementwise in ascending k (no dot, no tree:
+    nothing XLA plans per shape can reorder the sum)."""
+    for t in range(a.shape[-1]):
+        acc = acc + a[..., :, t, None] * b[..., None, t, :]
+    return acc
 
 
 def _finish(total, bias_ref, o_ref, batch, row0, col0, rows_n, cols_n, m, n):
@@ -600,10 +638,7 @@ def _bmm_reference(a, b, bias, *, out_dtype):
     b_steps = b32.reshape(nb, steps, _REF_K_CHUNK, n).transpose(1, 0, 2, 3)  # [S, B, C, N]
 
     def step(acc, ab):
-        a_c, b_c = ab
-        for t in range(_REF_K_CHUNK):
-            acc = acc + a_c[:, :, t, None] * b_c[:, None, t, :]
-        return acc, None
+        return _add_products_ascending_k(acc, *ab), None
 
     acc, _ = lax.scan(step, jnp.zeros((nb, m, n), jnp.float32), (a_steps, b_steps))
     if bias is not None:

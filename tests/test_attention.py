@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import sys
 
 import jax
@@ -425,6 +426,25 @@ def test_shipped_configs_lower_for_cuda(d, dtype, cfg):
             assert be.triton_kernel_count(exported) == (hq // hkv <= cfg.block_q)
         else:
             assert be.triton_kernel_count(exported) >= 2
+
+
+def test_mosaic_decode_step_launches_nothing_but_its_kernels():
+    """A Hopper decode step (one token, a power-of-two group, whole 8-key rows of cache) is the
+    Mosaic kernel and the Triton combine, with no XLA op beside them (each would be a kernel
+    launch of its own, ~1.2 us): q is read as it lies and the lengths reach the kernels as given,
+    q_lengths included."""
+    s = jax.ShapeDtypeStruct
+    cfg = AttentionConfig(block_q=64, block_k=128, split_size=512, num_stages=2, kernel="mosaic")
+    kv = s((3, 1024, 8, 128), jnp.bfloat16)
+    n = s((3,), jnp.int32)
+    for hq in (8, 32, 64):
+        exported = be.export_for_cuda(
+            lambda q, k, v, n, ql: decode_attention(q, k, v, n, q_lengths=ql,
+                                                    implementation="pallas", config=cfg),
+            s((3, 1, hq, 128), jnp.bfloat16), kv, kv, n, n)
+        ops = set(re.findall(r"stablehlo\.(\w+)", exported.mlir_module()))
+        assert ops <= {"custom_call", "reshape"}, (hq, ops)
+        assert (be.mosaic_kernel_count(exported), be.triton_kernel_count(exported)) == (1, 1)
 
 
 @pytest.mark.parametrize("ctas", [None, 3, 1], ids=["one item per CTA", "3 CTAs", "1 CTA"])

@@ -123,8 +123,21 @@ def test_policy_keeps_block_k_fixed():
     for dtype in DTYPES:
         assert len({c.block_k for c in shipped_configs(dtype)}) == 1
         chosen = {matmul_config(m, n, k, dtype) for m in range(1, 600) for n, k in
-                  ((4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336))}
+                  ((4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336), (512, 2048),
+                   (2048, 2048), (3072, 2048), (2048, 8192), (8192, 2048))}
         assert chosen <= set(shipped_configs(dtype))
+
+
+def test_small_m_policy_narrows_tiles_for_small_n():
+    """M <= 32: the widest 16-row tile that gives at least 96 programs (small N needs the
+    programs to keep the SMs reading the weights)."""
+    def tile(m, n, k=2048):
+        c = matmul_config(m, n, k, jnp.bfloat16)
+        return c.block_m, c.block_n
+
+    assert tile(8, 2048, 8192) == (16, 16) and tile(8, 512) == (16, 16)  # 128 and 32 programs
+    assert tile(16, 4096, 4096) == (16, 32) and tile(32, 2048) == (16, 32)  # 128 programs
+    assert tile(1, 6144, 4096) == (16, 64) and tile(32, 4096, 4096) == (16, 64)  # 96, 128
 
 
 @settings(max_examples=12, deadline=None)
@@ -480,7 +493,8 @@ def test_dot_general_and_grad_lower_for_cuda():
 
 # --------------------------------------------------------------------------------- GPU only
 
-LLAMA_SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
+# (K, N): Llama-3-8B's projections, then a Llama-3.2-1B one (the narrow tiles of small N)
+LLAMA_SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (8192, 2048)]
 # Ragged and power-of-two M from 1 to 8192 (each M is one compilation, so not every M).
 GPU_MS = [1, 2, 3, 5, 8, 13, 16, 17, 33, 64, 100, 128, 257, 511, 1000, 2047, 4096, 8192]
 
