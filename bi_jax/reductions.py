@@ -532,8 +532,10 @@ def _sum_public(op, x, axis, dtype, keepdims, implementation, config, divide):
     out_dtype = _checks.check_out_dtype(op, x.dtype if dtype is None else dtype)
     axes = _axes(op, axis, x.ndim)
     if impl == "xla":
+        # The caller's dtype, not out_dtype: jnp given dtype=bf16 reduces in bf16 (and divides by n
+        # rounded to bf16), while its default accumulates a bf16 input in fp32.
         fn = jnp.mean if divide else jnp.sum
-        return fn(x, axis=axes, dtype=out_dtype, keepdims=keepdims)
+        return fn(x, axis=axes, dtype=dtype, keepdims=keepdims)
     x2, moved_shape = _to_rows(x, axes)
     rows, n = x2.shape
     if rows == 0 or n == 0:
