@@ -11,6 +11,10 @@ module measures that cost for two XLA kernels that move exactly ``T`` bytes of H
   ``T/2``);
 - read: ``max(x ^ k)`` over ``T`` bytes of uint32 (reads ``T``, writes 4 bytes).
 
+The read is the floor to compare a read-bound kernel with (weights, KV cache). On the H100 the
+copy is faster than the read at 4 MB, but its time is not monotone in size: 67 and 134 MB took as
+long as 117 and 234 MB would (measured once, not explained).
+
 Each is timed with ``bi_jax.timing.time_fn`` (CUPTI kernel time on a GPU, operands rotated through
 HBM) and reported as GB/s and as a fraction of the 1 GiB copy. The default sizes are the KV bytes of
 one batch row at context 1k / 4k / 16k / 32k (8 KV heads, D = 128, bf16) and the bf16 weights of
