@@ -356,23 +356,20 @@ def _tile_rows(meta, pid0, tb, *, geo: _Geometry, causal: bool):
     return b, kvh, g0, kv_len, valid, n
 
 
-def _q_block(ref, b, tb, kvh, g0, *, geo: _Geometry, col0=0, cols=None):
-    """(ref view, mask, 3-D shape or None) of the q/o block of a tile: rows = (token, head);
-    columns ``[col0, col0 + cols)`` of D (default: all)."""
+def _q_block(ref, b, tb, kvh, g0, *, geo: _Geometry):
+    """(ref view, mask, 3-D shape or None) of the q/o block of a tile: rows = (token, head)."""
     t0, h0 = tb * geo.bt, kvh * geo.group + g0
     tok_ok = (t0 + jnp.arange(geo.bt)) < geo.tq
     head_ok = (g0 + jnp.arange(geo.bg)) < geo.group
-    w = geo.d if cols is None else cols
-    dsl = slice(None) if cols is None else be.ds(col0, cols)
     if geo.bg == 1:  # MHA: rows are tokens of one head
-        mask = jnp.broadcast_to(tok_ok[:, None], (geo.bt, w))
-        return ref.at[b, be.ds(t0, geo.bt), h0, dsl], mask, None
+        mask = jnp.broadcast_to(tok_ok[:, None], (geo.bt, geo.d))
+        return ref.at[b, be.ds(t0, geo.bt), h0, :], mask, None
     if geo.bt == 1:  # the tile is heads of one token
-        mask = jnp.broadcast_to(head_ok[:, None], (geo.bg, w))
-        return ref.at[b, t0, be.ds(h0, geo.bg), dsl], mask, None
-    shape3 = (geo.bt, geo.bg, w)
+        mask = jnp.broadcast_to(head_ok[:, None], (geo.bg, geo.d))
+        return ref.at[b, t0, be.ds(h0, geo.bg), :], mask, None
+    shape3 = (geo.bt, geo.bg, geo.d)
     mask = jnp.broadcast_to(tok_ok[:, None, None] & head_ok[None, :, None], shape3)
-    return ref.at[b, be.ds(t0, geo.bt), be.ds(h0, geo.bg), dsl], mask, shape3
+    return ref.at[b, be.ds(t0, geo.bt), be.ds(h0, geo.bg), :], mask, shape3
 
 
 def _load_q(q_ref, b, tb, kvh, g0, *, geo):
@@ -381,8 +378,8 @@ def _load_q(q_ref, b, tb, kvh, g0, *, geo):
     return q if shape3 is None else q.reshape(geo.rows, geo.d)  # [rows, D]
 
 
-def _store_o(o_ref, out, b, tb, kvh, g0, *, geo, col0=0, cols=None):
-    view, mask, shape3 = _q_block(o_ref, b, tb, kvh, g0, geo=geo, col0=col0, cols=cols)
+def _store_o(o_ref, out, b, tb, kvh, g0, *, geo):
+    view, mask, shape3 = _q_block(o_ref, b, tb, kvh, g0, geo=geo)
     out = out.astype(o_ref.dtype)  # [rows, D]
     be.store(view, out if shape3 is None else out.reshape(shape3), mask=mask)
 
@@ -496,23 +493,19 @@ def _split_kernel(meta, q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, *, geo, cfg,
              mask=jnp.broadcast_to(ok[:, None], acc.shape))
 
 
-def _combine_unroll(geo: _Geometry, cfg: AttentionConfig, cols: int) -> int:
+def _combine_unroll(geo: _Geometry, cfg: AttentionConfig) -> int:
     """Partials the combine loads together before folding them one by one (no numerics): the
     splits of the context rounded up to a power of two, at most 128 fp32 registers per thread.
     Measured with fixed groups (H100, decode B=1, 32/8 heads): more than the splits costs (1k
     context: 1.31x XLA's time with 8, 1.44x with 32), more of them gains (32k: 11.4 us of combine
     with 8, 9.5 with 32)."""
     n = be.cdiv(geo.tk, cfg.split_size)
-    cap = max(1, 128 * 32 * cfg.combine_num_warps // (geo.rows * cols))
+    cap = max(1, 128 * 32 * cfg.combine_num_warps // (geo.rows * geo.d))
     return min(1 << (n - 1).bit_length(), 1 << (cap.bit_length() - 1))
 
 
-def _combine_kernel(meta, m_ref, l_ref, acc_ref, o_ref, *, geo, cfg, causal, cols):
+def _combine_kernel(meta, m_ref, l_ref, acc_ref, o_ref, *, geo, cfg, causal):
     """Split mode, phase 2: fold the partials of splits 0, 1, 2, ... in order and normalise.
-
-    Program (tile, token block, c) owns columns ``[c * cols, (c + 1) * cols)`` of D: the fold is
-    elementwise in D, and every program folds its rows' ``m`` and ``l`` the same way, so the column
-    split changes no bit (``_combine_cols``).
 
     The loads of ``_combine_unroll`` consecutive partials are issued together (they do not depend
     on the running state), then folded in split order: one memory latency per group instead of
@@ -522,7 +515,7 @@ def _combine_kernel(meta, m_ref, l_ref, acc_ref, o_ref, *, geo, cfg, causal, col
     Mosaic kernel's fold mode on the H100; plain ``/`` gave none).
     """
     fold = functools.partial(_fold, exp2=_ex2_ftz) if cfg.kernel == "mosaic" else _fold
-    pid0, tb, c0 = be.program_id(0), be.program_id(1), be.program_id(2) * cols
+    pid0, tb = be.program_id(0), be.program_id(1)
     b, kvh, g0, _, _, n = _tile_rows(meta, pid0, tb, geo=geo, causal=causal)
     num_splits = lax.div(jnp.max(n) + (cfg.split_size - 1), cfg.split_size)
     rows = be.ds(0, geo.rows)
@@ -531,11 +524,11 @@ def _combine_kernel(meta, m_ref, l_ref, acc_ref, o_ref, *, geo, cfg, causal, col
         ok = j * cfg.split_size < n  # [rows]; implies the row was written
         m = be.load(m_ref.at[pid0, tb, j, rows], mask=ok, other=_NEG_INF)  # [rows]
         l = be.load(l_ref.at[pid0, tb, j, rows], mask=ok, other=0.0)  # [rows]
-        acc = be.load(acc_ref.at[pid0, tb, j, rows, be.ds(c0, cols)],  # [rows, cols]
-                      mask=jnp.broadcast_to(ok[:, None], (geo.rows, cols)), other=0.0)
+        acc = be.load(acc_ref.at[pid0, tb, j, rows, :],  # [rows, D]
+                      mask=jnp.broadcast_to(ok[:, None], (geo.rows, geo.d)), other=0.0)
         return (m, l, acc), ok
 
-    unroll = _combine_unroll(geo, cfg, cols)
+    unroll = _combine_unroll(geo, cfg)
 
     def body(i, state):
         parts = [load(i * unroll + u) for u in range(unroll)]
@@ -544,36 +537,8 @@ def _combine_kernel(meta, m_ref, l_ref, acc_ref, o_ref, *, geo, cfg, causal, col
         return state
 
     groups = lax.div(num_splits + (unroll - 1), unroll)
-    state = lax.fori_loop(0, groups, body, _init_state((geo.rows,), cols))
-    _store_o(o_ref, _finalize(state), b, tb, kvh, g0, geo=geo, col0=c0, cols=cols)
-
-
-_COMBINE_MIN_COLS = 16
-
-
-def _combine_cols(geo: _Geometry) -> int:
-    """Columns of D per combine program: halved from D (down to 16) until the grid has two
-    programs per SM. Decode at batch 1 has one program per KV head, and each read its partials
-    alone (H100, 32/8 heads, 32k context: 9.4 us for 1 MB). Never part of the numerics."""
-    cols, tiles = geo.d, geo.programs * geo.n_tblk  # D: a power of two >= 16
-    while cols > _COMBINE_MIN_COLS and tiles * (geo.d // cols) < 2 * be.sm_count():
-        cols //= 2
-    return cols
-
-
-def _combine(lens, lengths, parts, *, geo, cfg, causal, out_shape):
-    """Launch ``_combine_kernel`` over the row tiles of ``geo`` (a tile's partial rows) and the
-    column slices of ``_combine_cols``."""
-    cols = _combine_cols(geo)
-    return be.pallas_call(
-        lens.kernel(functools.partial(_combine_kernel, geo=geo, cfg=cfg, causal=causal,
-                                      cols=cols)),
-        out_shape=out_shape,
-        grid=(geo.programs, geo.n_tblk, geo.d // cols),
-        num_warps=cfg.combine_num_warps,
-        num_stages=1,
-        name="bi_jax_attention_combine",
-    )(*lengths, *parts)
+    state = lax.fori_loop(0, groups, body, _init_state((geo.rows,), geo.d))
+    _store_o(o_ref, _finalize(state), b, tb, kvh, g0, geo=geo)
 
 
 # ------------------------------------------------------------------ Mosaic GPU kernel (Hopper)
@@ -1076,8 +1041,14 @@ def _attend_mosaic(q, k, v, lengths, *, lens, causal, c, cfg):
     )(*lengths, *sched, q2, k, v)
     if split:
         geo_c = _geometry(q.shape, (nb, tk, hkv, d), 1 << (u_valid - 1).bit_length())
-        return _combine(lens, lengths, res, geo=geo_c, cfg=cfg, causal=causal,
-                        out_shape=jax.ShapeDtypeStruct(q.shape, dt))
+        return be.pallas_call(
+            lens.kernel(functools.partial(_combine_kernel, geo=geo_c, cfg=cfg, causal=causal)),
+            out_shape=jax.ShapeDtypeStruct(q.shape, dt),
+            grid=(geo_c.programs, geo_c.n_tblk),
+            num_warps=cfg.combine_num_warps,
+            num_stages=1,
+            name="bi_jax_attention_combine",
+        )(*lengths, *res)
     if heads_first:
         return res[0].reshape(nb, tq, hq, d)
     o2 = res[0][:, :u_valid]
@@ -1145,7 +1116,14 @@ def _attend_pallas(q, k, v, lengths, *, lens, causal, c, cfg):
     # The combine is elementwise per row, so its tile needs only the rows that can be valid (a
     # decode step: the heads of one token, not block_q rows): same partials, same bits, less work.
     geo_c = _geometry(q.shape, k.shape, min(cfg.block_q, 1 << (part_rows - 1).bit_length()))
-    return _combine(lens, lengths, parts, geo=geo_c, cfg=cfg, causal=causal, out_shape=out_shape)
+    return be.pallas_call(
+        lens.kernel(functools.partial(_combine_kernel, geo=geo_c, cfg=cfg, causal=causal)),
+        out_shape=out_shape,
+        grid=(geo_c.programs, geo_c.n_tblk),
+        num_warps=cfg.combine_num_warps,
+        num_stages=1,
+        name="bi_jax_attention_combine",
+    )(*lengths, *parts)
 
 
 # --------------------------------------------------------------------------------------- reference

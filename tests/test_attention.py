@@ -230,22 +230,6 @@ def test_prefill_launch_order_is_bit_neutral(monkeypatch):
     assert be.triton_kernel_count(be.export_for_cuda(f, q, k, v)) == 1
 
 
-def test_combine_column_split_is_bit_neutral(monkeypatch):
-    """The combine's column slices (narrow when its grid is small, as in a batch-1 decode step)
-    give the bits of one program per whole row tile."""
-    module = sys.modules["bi_jax.attention"]  # the module (bi_jax.attention is the function)
-    q, k, v = qkv(2, 3, 100, 4, 2, 64, CONTRACT_DTYPE)
-    args = (q, with_garbage(k, [100, 61]), with_garbage(v, [100, 61]), jnp.array([100, 61]),
-            jnp.array([3, 2]))
-    geo = module._geometry(q.shape, k.shape, 16)
-    assert module._combine_cols(geo) == 16
-    narrow = np.asarray(jit_decode("pallas", CFG_SPLIT)(*args))
-    monkeypatch.setattr(module, "_COMBINE_MIN_COLS", 64)
-    assert module._combine_cols(geo) == 64
-    testing.assert_bitwise_equal(jit_decode("pallas", CFG_SPLIT)(*args), narrow,
-                                 what="one column slice")
-
-
 def _sequence(t, hq=4, hkv=2, d=64, dtype=CONTRACT_DTYPE):
     q, k, v = qkv(1, t, t, hq, hkv, d, dtype)
     return q[0], k[0], v[0]
