@@ -44,13 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mb", default="4.19,16.8,33.6,67.1,117.4,134.2",
                    help="traffic sizes in MB (1e6 bytes), comma-separated")
     p.add_argument("--reps", type=int, default=50)
+    p.add_argument("--big-mib", type=int, default=1024,
+                   help="size of the reference copy in MiB (1024: the benchmarks' copy bandwidth)")
     args = p.parse_args(argv)
     env = timing.environment()
-    big = timing.copy_bandwidth(reps=args.reps)
+    big = timing.copy_bandwidth(args.big_mib << 20, reps=args.reps)
     print(f"copy floor; {env.get('device')}, jax {env.get('jax')}, {env.get('date')}, "
           f"commit {env.get('git_commit')}")
-    print(f"copy of 1 GiB (read + write): {big.gbps:.0f} GB/s\n")
-    print("traffic MB   copy us  copy GB/s  of 1GiB copy   read us  read GB/s  of 1GiB copy")
+    print(f"copy of {args.big_mib} MiB (read + write): {big.gbps:.0f} GB/s\n")
+    print("traffic MB   copy us  copy GB/s  of big copy    read us  read GB/s  of big copy")
     for mb in (float(s) for s in args.mb.split(",")):
         nbytes = int(mb * 1e6)
         cp = timing.copy_bandwidth(nbytes // 2, reps=args.reps)

@@ -1,4 +1,4 @@
-"""The benchmark harness (benchmarks/): a quick matmul sweep end to end, and the sweep logic.
+"""The benchmark harness (benchmarks/): a quick matmul sweep end to end, the sweep logic, the copy floor.
 
 The quick sweep runs the real CLI (``python -m benchmarks.run matmul --quick``) on tiny shapes and
 checks that JSON, CSV, PNG and summary are written and well-formed; the toy sweeps check invariance
@@ -20,7 +20,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # benchmarks/ is a package at the repository root, not installed
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import common, run  # noqa: E402
+from benchmarks import common, copy_floor, run  # noqa: E402
 from bi_jax import timing  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -177,3 +177,15 @@ def test_cli_refuses_full_size_on_cpu_and_bad_lines(tmp_path, capsys):
     assert run.main(["rmsnorm", "--quick", "--lines", "xla,bogus", "--out", str(tmp_path)]) == 2
     with pytest.raises(SystemExit):
         run.main(["nosuchop"])
+
+
+def test_copy_floor_prints_one_row_per_size(capsys):
+    """``python -m benchmarks.copy_floor`` on tiny sizes (wall clock on the CPU): a row per size,
+    with positive times and bandwidths."""
+    assert copy_floor.main(["--mb", "0.25,1", "--reps", "3", "--big-mib", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "copy of 4 MiB (read + write)" in out
+    rows = [line.split() for line in out.splitlines() if line[:1] == " " and "%" in line]
+    assert [float(r[0]) for r in rows] == [0.25, 1.0]
+    for r in rows:
+        assert all(float(x) > 0 for x in (r[1], r[2], r[4], r[5]))
