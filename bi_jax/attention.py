@@ -1041,14 +1041,8 @@ def _attend_mosaic(q, k, v, lengths, *, lens, causal, c, cfg):
     )(*lengths, *sched, q2, k, v)
     if split:
         geo_c = _geometry(q.shape, (nb, tk, hkv, d), 1 << (u_valid - 1).bit_length())
-        return be.pallas_call(
-            lens.kernel(functools.partial(_combine_kernel, geo=geo_c, cfg=cfg, causal=causal)),
-            out_shape=jax.ShapeDtypeStruct(q.shape, dt),
-            grid=(geo_c.programs, geo_c.n_tblk),
-            num_warps=cfg.combine_num_warps,
-            num_stages=1,
-            name="bi_jax_attention_combine",
-        )(*lengths, *res)
+        return _combine(lengths, res, lens=lens, geo=geo_c, cfg=cfg, causal=causal,
+                        out_shape=jax.ShapeDtypeStruct(q.shape, dt))
     if heads_first:
         return res[0].reshape(nb, tq, hq, d)
     o2 = res[0][:, :u_valid]
@@ -1071,6 +1065,19 @@ def _use_split_kv(cfg: AttentionConfig, geo: _Geometry) -> bool:
 
 
 _TOKEN_MAJOR_KV_BYTES = 32 << 20  # prefill launch order (H100, measured 2026-11-24); no numerics
+
+
+def _combine(lengths, parts, *, lens, geo, cfg, causal, out_shape):
+    """Launch ``_combine_kernel`` on the split partials ``parts`` (m, l, acc), one program per row
+    tile of ``geo``: behind the Triton split kernel and behind the Mosaic kernel alike."""
+    return be.pallas_call(
+        lens.kernel(functools.partial(_combine_kernel, geo=geo, cfg=cfg, causal=causal)),
+        out_shape=out_shape,
+        grid=(geo.programs, geo.n_tblk),
+        num_warps=cfg.combine_num_warps,
+        num_stages=1,
+        name="bi_jax_attention_combine",
+    )(*lengths, *parts)
 
 
 def _attend_pallas(q, k, v, lengths, *, lens, causal, c, cfg):
@@ -1116,14 +1123,8 @@ def _attend_pallas(q, k, v, lengths, *, lens, causal, c, cfg):
     # The combine is elementwise per row, so its tile needs only the rows that can be valid (a
     # decode step: the heads of one token, not block_q rows): same partials, same bits, less work.
     geo_c = _geometry(q.shape, k.shape, min(cfg.block_q, 1 << (part_rows - 1).bit_length()))
-    return be.pallas_call(
-        lens.kernel(functools.partial(_combine_kernel, geo=geo_c, cfg=cfg, causal=causal)),
-        out_shape=out_shape,
-        grid=(geo_c.programs, geo_c.n_tblk),
-        num_warps=cfg.combine_num_warps,
-        num_stages=1,
-        name="bi_jax_attention_combine",
-    )(*lengths, *parts)
+    return _combine(lengths, parts, lens=lens, geo=geo_c, cfg=cfg, causal=causal,
+                    out_shape=out_shape)
 
 
 # --------------------------------------------------------------------------------------- reference
