@@ -495,12 +495,14 @@ def _split_kernel(meta, q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, *, geo, cfg,
 
 def _combine_unroll(geo: _Geometry, cfg: AttentionConfig) -> int:
     """Partials the combine loads together before folding them one by one (no numerics): the
-    splits of the context rounded up to a power of two, at most 128 fp32 registers per thread.
-    Measured with fixed groups (H100, decode B=1, 32/8 heads): more than the splits costs (1k
-    context: 1.31x XLA's time with 8, 1.44x with 32), more of them gains (32k: 11.4 us of combine
-    with 8, 9.5 with 32)."""
+    splits of the context rounded up to a power of two, at most 64 fp32 registers per thread (two
+    groups are in registers at once). Measured with fixed groups (H100, decode B=1, 32/8 heads):
+    more than the splits costs (1k context: 1.31x XLA's time with 8, 1.44x with 32). At 32k the
+    combine took 9.5 us with groups of 32 loaded and folded in turn; loading the next group
+    before folding one took 8.6 / 6.5 / 7.3 us with groups of 32 / 16 / 8 (ptxas otherwise issues
+    a partial's loads only a few folds ahead of it)."""
     n = be.cdiv(geo.tk, cfg.split_size)
-    cap = max(1, 128 * 32 * cfg.combine_num_warps // (geo.rows * geo.d))
+    cap = max(1, 64 * 32 * cfg.combine_num_warps // (geo.rows * geo.d))
     return min(1 << (n - 1).bit_length(), 1 << (cap.bit_length() - 1))
 
 
@@ -508,8 +510,9 @@ def _combine_kernel(meta, m_ref, l_ref, acc_ref, o_ref, *, geo, cfg, causal):
     """Split mode, phase 2: fold the partials of splits 0, 1, 2, ... in order and normalise.
 
     The loads of ``_combine_unroll`` consecutive partials are issued together (they do not depend
-    on the running state), then folded in split order: one memory latency per group instead of
-    one per split. A split past the row's keys is masked (``ok`` False) and leaves the state as is.
+    on the running state), one group ahead of the folds, which take the partials in split order:
+    the loads of group i + 1 are in flight while group i folds. A split past the row's keys is
+    masked (``ok`` False) and leaves the state as is.
     Behind the Mosaic kernel it folds with that kernel's ``ex2.approx.ftz`` (its division is the
     same as Triton's ``/``: an IEEE ``div.rn`` here gave 39 of 8.4M bf16 outputs 1 ULP apart from the
     Mosaic kernel's fold mode on the H100; plain ``/`` gave none).
@@ -520,24 +523,31 @@ def _combine_kernel(meta, m_ref, l_ref, acc_ref, o_ref, *, geo, cfg, causal):
     num_splits = lax.div(jnp.max(n) + (cfg.split_size - 1), cfg.split_size)
     rows = be.ds(0, geo.rows)
 
-    def load(j):
-        ok = j * cfg.split_size < n  # [rows]; implies the row was written
+    def ok_of(j):  # [rows]: split j holds keys of the row (implies the row was written)
+        return j * cfg.split_size < n
+
+    def load(j):  # masked past the row's splits: no memory access
+        ok = ok_of(j)
         m = be.load(m_ref.at[pid0, tb, j, rows], mask=ok, other=_NEG_INF)  # [rows]
         l = be.load(l_ref.at[pid0, tb, j, rows], mask=ok, other=0.0)  # [rows]
         acc = be.load(acc_ref.at[pid0, tb, j, rows, :],  # [rows, D]
                       mask=jnp.broadcast_to(ok[:, None], (geo.rows, geo.d)), other=0.0)
-        return (m, l, acc), ok
+        return m, l, acc
 
     unroll = _combine_unroll(geo, cfg)
 
-    def body(i, state):
-        parts = [load(i * unroll + u) for u in range(unroll)]
-        for part, ok in parts:
-            state = fold(state, part, ok)
-        return state
+    def group(i):
+        return tuple(load(i * unroll + u) for u in range(unroll))
+
+    def body(i, carry):
+        state, parts = carry
+        ahead = group(i + 1)  # loop-carried: the next group's loads fly while this group folds
+        for u, part in enumerate(parts):
+            state = fold(state, part, ok_of(i * unroll + u))
+        return state, ahead
 
     groups = lax.div(num_splits + (unroll - 1), unroll)
-    state = lax.fori_loop(0, groups, body, _init_state((geo.rows,), geo.d))
+    state, _ = lax.fori_loop(0, groups, body, (_init_state((geo.rows,), geo.d), group(0)))
     _store_o(o_ref, _finalize(state), b, tb, kvh, g0, geo=geo)
 
 
