@@ -548,9 +548,7 @@ def _combine_kernel(meta, m_ref, l_ref, acc_ref, o_ref, *, geo, cfg, causal):
 
     groups = lax.div(num_splits + (unroll - 1), unroll)
     init = _init_state((geo.rows,), geo.d)
-    # Interpret mode cannot discharge a load whose ref index is a Python int (jax 0.11.2); the GPU
-    # lowering takes the constant 0 (the kernel that was timed and sanitized on the H100).
-    first = group(jnp.int32(0) if be.interpret_mode() else 0)
+    first = group(jnp.int32(0))  # a traced index: interpret mode cannot discharge a Python int
     state, _ = lax.fori_loop(0, groups, body, (init, first))
     _store_o(o_ref, _finalize(state), b, tb, kvh, g0, geo=geo)
 
