@@ -228,6 +228,27 @@ def test_multi_block_batch_invariant(impl):
                                    num_embeddings=2)
 
 
+@pytest.mark.parametrize("n", [1000, 1100])  # 8 blocks; 9 (the last program's group is ragged)
+def test_split_softmax_blocks_per_program_keep_the_bits(monkeypatch, n):
+    """How many blocks one program of the split softmax kernels takes follows the row count (and
+    the SM count); it must leave every bit as one block per program does."""
+    x = randn((12, n), jnp.float32, scale=3.0)
+    ops = (bi_jax.softmax, bi_jax.log_softmax)
+
+    def run():
+        return [np.asarray(op(x, implementation="pallas", config=MULTI_BLOCK)) for op in ops]
+
+    assert reductions._blocks_per_program(12, be.cdiv(n, MULTI_BLOCK.block)) == 1
+    one = run()
+    monkeypatch.setattr(be, "sm_count", lambda: 1)  # few rows now fill the "GPU": 8 per program
+    assert reductions._blocks_per_program(12, be.cdiv(n, MULTI_BLOCK.block)) == 8
+    for got, want, op in zip(run(), one, ops):
+        testing.assert_bitwise_equal(got, want, what=f"{op.__name__}, 8 blocks per program")
+    exported = be.export_for_cuda(
+        functools.partial(bi_jax.log_softmax, implementation="pallas", config=MULTI_BLOCK), x)
+    assert be.triton_kernel_count(exported) == 2
+
+
 @pytest.mark.parametrize("impl", INVARIANT_IMPLS)
 def test_rows_along_a_leading_axis(impl):
     """Reducing axis 0 of ``[n, rows]``: the rows are the columns, still invariant."""
