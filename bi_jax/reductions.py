@@ -301,13 +301,15 @@ def _softmax_pallas(x2, *, log, config):
 
 def _blocks_per_program(rows: int, num_blocks: int) -> int:
     """Blocks of a long row that one program of the split softmax kernels takes, one after the
-    other (no numerics: each block is reduced, or written, as by a program of its own): the most
-    of 1 / 2 / 4 / 8 that leaves at least 12 programs per SM. H100, log_softmax over 128256 bf16
-    columns (63 blocks), 2026-11-25, blocks per program 1 / 2 / 4 / 8, bits equal: 8192 rows
-    2.40 / 2.31 / 2.26 / 2.23 ms; 1024 rows 288 / 286 / 284 / 286 us; 64 rows 18.9 / 17.0 / 17.6
-    / 20.6 us."""
+    other (no numerics: each block is reduced, or written, as by a program of its own): 8 where
+    that leaves at least 64 programs per SM, else the most of 4 / 2 / 1 that leaves 12.
+    H100, log_softmax over 128256 bf16 columns (63 blocks), 2026-11-25, bits equal; time with
+    1 / 2 / 4 / 8 blocks per program (min of 3 rounds where given): 8192 rows 2.40 / 2.31 / 2.26 /
+    2.23 ms; 2048 rows 574 / 572 / 563 / 562 us; 1024 rows 288 / 286 / 284 / 286; 512 rows 146 /
+    145 / 145 / 147; 256 rows 75.7 / 75.3 / 75.3 / 78.1; 128 rows 38.1 / 37.6 / 38.0 / 38.3; 64
+    rows 18.9 / 17.0 / 17.6 / 20.6."""
     per = 8
-    while per > 1 and rows * be.cdiv(num_blocks, per) < 12 * be.sm_count():
+    while per > 1 and rows * be.cdiv(num_blocks, per) < (64 if per == 8 else 12) * be.sm_count():
         per //= 2
     return per
 
