@@ -85,7 +85,7 @@ _NEG_INF = float("-inf")
 # ------------------------------------------------------------------------------------------ config
 
 MAX_SINGLE_BLOCK = 16384  # rows up to this length are one block, held in registers
-SPLIT_BLOCK = 2048  # softmax of longer rows: elements per (row, block) program, any dtype
+SPLIT_BLOCK = 2048  # softmax of longer rows: elements per block (reduced on its own), any dtype
 _MIN_BLOCK = 16
 _TILE_ELEMENTS = 1024  # short rows: programs take several rows, at least this many elements
 _LONG_BLOCK = {jnp.dtype(jnp.bfloat16): 8192, jnp.dtype(jnp.float16): 8192,
