@@ -497,8 +497,8 @@ def _split_kernel(meta, q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, *, geo, cfg,
 
 def _combine_unroll(geo: _Geometry, cfg: AttentionConfig) -> int:
     """Partials the combine loads together before folding them one by one (no numerics): the
-    splits of the context rounded up to a power of two, at most 64 fp32 registers per thread (two
-    groups are in registers at once). Measured with fixed groups (H100, decode B=1, 32/8 heads):
+    splits of the context rounded up to a power of two, a group of the whole head dim taking at
+    most 64 fp32 registers per thread (two groups are in registers at once). Measured with fixed groups (H100, decode B=1, 32/8 heads):
     more than the splits costs (1k context: 1.31x XLA's time with 8, 1.44x with 32). At 32k the
     combine took 9.5 us with groups of 32 loaded and folded in turn; loading the next group
     before folding one took 8.6 / 6.5 / 7.3 us with groups of 32 / 16 / 8 (ptxas otherwise issues

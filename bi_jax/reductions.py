@@ -209,7 +209,7 @@ def _block_stats_kernel(x_ref, m_ref, s_ref, *, n, block, num_blocks, per_progra
     """Program (row, g): max and sum of exp(x - max) of blocks ``g * per_program ..`` of the row,
     each block (``[1, block]``) on its own (a block past the row's last is skipped).
 
-    The grid has exactly one program per row, so only the column edge needs a mask
+    Grid axis 0 has exactly one entry per row, so only the column edge needs a mask
     (``rows=row + 1`` below marks the program's own row valid).
     """
     row, g = be.program_id(0), be.program_id(1)

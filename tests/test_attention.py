@@ -235,6 +235,25 @@ def _sequence(t, hq=4, hkv=2, d=64, dtype=CONTRACT_DTYPE):
     return q[0], k[0], v[0]
 
 
+def test_combine_column_split_keeps_the_bits(monkeypatch):
+    """The combine's head-dim columns per program follow the grid size (so the batch); every
+    split must give the bits of the whole head dim in one program."""
+    import importlib
+    attn = importlib.import_module("bi_jax.attention")
+    q, k, v = qkv(3, 1, 150, 8, 2, 64, CONTRACT_DTYPE)
+    lengths = jnp.array([150, 37, 96], jnp.int32)
+    geo = attn._geometry(q.shape, k.shape, 4)  # the combine's tile: 4 heads of one token
+
+    def run():
+        return np.asarray(jit_decode("pallas", CFG_SPLIT)(q, k, v, lengths, None))
+
+    assert attn._combine_cols(geo) == 32  # 6 programs: 2 column slices each
+    sliced = run()
+    monkeypatch.setattr(be, "sm_count", lambda: 0)  # no programs needed per SM: all 64 columns
+    assert attn._combine_cols(geo) == 64
+    testing.assert_bitwise_equal(run(), sliced, what="combine over 64 columns vs 2 x 32")
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_slicing_invariance(impl):
     """Full prefill == chunked prefill (decode_attention, any chunks, any capacity) == chunked
