@@ -498,11 +498,11 @@ def _split_kernel(meta, q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, *, geo, cfg,
 def _combine_unroll(geo: _Geometry, cfg: AttentionConfig) -> int:
     """Partials the combine loads together before folding them one by one (no numerics): the
     splits of the context rounded up to a power of two, a group of the whole head dim taking at
-    most 64 fp32 registers per thread (two groups are in registers at once). Measured with fixed groups (H100, decode B=1, 32/8 heads):
-    more than the splits costs (1k context: 1.31x XLA's time with 8, 1.44x with 32). At 32k the
-    combine took 9.5 us with groups of 32 loaded and folded in turn; loading the next group
-    before folding one took 8.6 / 6.5 / 7.3 us with groups of 32 / 16 / 8 (ptxas otherwise issues
-    a partial's loads only a few folds ahead of it)."""
+    most 64 fp32 registers per thread (two groups are in registers at once). Measured with fixed
+    groups (H100, decode B=1, 32/8 heads): more than the splits costs (1k context: 1.31x XLA's time
+    with 8, 1.44x with 32). At 32k the combine took 9.5 us with groups of 32 loaded and folded in
+    turn; loading the next group before folding one took 8.6 / 6.5 / 7.3 us with groups of 32 / 16
+    / 8 (ptxas otherwise issues a partial's loads only a few folds ahead of it)."""
     n = be.cdiv(geo.tk, cfg.split_size)
     cap = max(1, 64 * 32 * cfg.combine_num_warps // (geo.rows * geo.d))
     return min(1 << (n - 1).bit_length(), 1 << (cap.bit_length() - 1))
