@@ -12,9 +12,11 @@ inputs ``precision`` follows XLA on GPU: DEFAULT and HIGH mean TF32 products, HI
 float32 products.
 
 Invariance:
-  Every output element is a fixed two-level fp32 sum over K: K is cut into chunks of a constant
-  ``_K_CHUNK`` (8192) elements; inside a chunk one fresh accumulator runs over ascending
-  ``block_k`` blocks (chained MMAs), and the chunk partials join a running total in ascending order,
+  Every output element is a fixed two-level fp32 sum over K: K is cut into the fewest chunks of
+  at most 8192 elements, all but the last of one size, the even share rounded up to a multiple
+  of 512 (``_k_chunk``, a function of K alone: K = 14336 is 7168 + 7168); inside a chunk one
+  fresh accumulator runs over ascending ``block_k`` blocks (chained MMAs), and the chunk partials
+  join a running total in ascending order,
   ``((0 + p0) + p1) + ...``; the bias is added in fp32 and the result is rounded once. The order
   depends on K alone, never on M or on the other rows, so row ``i`` of the output has the same bits
   for any batch (no atomics, no data-dependent split). What follows M (``matmul_config``) is only
@@ -87,11 +89,23 @@ class MatmulConfig:
 
 
 _BLOCK_K = {jnp.dtype(jnp.bfloat16): 64, jnp.dtype(jnp.float16): 64, jnp.dtype(jnp.float32): 32}
-# K elements summed into one fresh fp32 partial before it joins the running total. Part of the
-# numerics: a constant (never a function of M, the tile or the launch mode), so the K order of every
-# output element is the same for any batch. Read at trace time (tests shrink it to reach several
-# chunks with small K).
-_K_CHUNK = 8192
+# The K chunks: K elements summed into one fresh fp32 partial before it joins the running total.
+# Part of the numerics: ``_k_chunk`` makes them a function of K alone (never of M, the tile or the
+# launch mode), so the K order of every output element is the same for any batch. Read at trace
+# time (tests shrink them to reach several chunks with small K).
+_K_CHUNK = 8192  # the most K elements in one chunk
+_K_CHUNK_ALIGN = 512  # chunk sizes are multiples of this (and so of every block_k and TMA tile)
+
+
+def _k_chunk(k: int) -> int:
+    """Elements per K chunk for a contraction of ``k``: the fewest chunks of at most ``_K_CHUNK``,
+    as equal as ``_K_CHUNK_ALIGN`` allows, the last one taking the remainder (K = 14336: 7168 +
+    7168; 28672: 4 x 7168; 8192 or less: one chunk). Equal chunks keep a split-K launch's longest
+    item short: at M = 256, K = 14336 the 8192 + 6144 split left the Mosaic kernel 1.15x slower
+    than cuBLAS, which splits K in two as well."""
+    chunks = max(1, -(-k // _K_CHUNK))
+    align = math.gcd(_K_CHUNK, _K_CHUNK_ALIGN)
+    return max(1, -(-k // (chunks * align))) * align
 
 
 def matmul_config(m: int, n: int, k: int, dtype: Any) -> MatmulConfig:
@@ -334,12 +348,13 @@ def _bmm_pallas(a, b, bias, *, out_dtype, precision, config, key):
     Jitted so that identical calls (a model's layers) lower once per executable and share one
     compiled kernel. With the Mosaic kernels lowered per call site, the 1B needle demo did not
     finish in 540 s on an H100; with the jit it took 149 s.
-    ``key`` (``be.trace_key()``) only keys the jit cache."""
+    ``key`` (``be.trace_key()`` and the K chunk constants, which tests patch) only keys the jit
+    cache."""
     del key
     nb, m, k = a.shape
     n = b.shape[2]
     cfg = config or matmul_config(m, n, k, a.dtype)
-    k_chunk = _K_CHUNK
+    k_chunk = _k_chunk(k)
     if k_chunk % cfg.block_k:
         raise ValueError(f"matmul: block_k={cfg.block_k} must divide the K chunk {k_chunk}")
     if cfg.kernel == "mosaic":
@@ -430,7 +445,7 @@ def _mosaic_config(m: int, n: int, k: int, dtype: Any) -> MatmulConfig | None:
     if not _mosaic_supported(m, n, k, dtype):
         return None
     split = k > _K_CHUNK and m <= 256
-    items = be.cdiv(k, _K_CHUNK) if split else 1
+    items = be.cdiv(k, _k_chunk(k)) if split else 1
 
     def cost(bn):  # time ~ waves of items x work per item / rate
         tile = MatmulConfig(128, bn, _BLOCK_K[dtype], kernel="mosaic")
@@ -580,7 +595,8 @@ def _bmm_mosaic(a, b, *, out_dtype, cfg):
     if m % 8:  # rows are independent: zero rows in, their outputs dropped
         return _bmm_mosaic(jnp.pad(a, ((0, 0), (0, -m % 8), (0, 0))), b, out_dtype=out_dtype,
                            cfg=cfg)[:, :m]
-    chunks = be.cdiv(k, _K_CHUNK)
+    k_chunk = _k_chunk(k)
+    chunks = be.cdiv(k, k_chunk)
     split = cfg.split_k and chunks > 1
     final_dtype, out_dtype = out_dtype, jnp.float32 if split else out_dtype
     dt = a.dtype
@@ -606,7 +622,7 @@ def _bmm_mosaic(a, b, *, out_dtype, cfg):
     def entry(a_ref, b_ref, o_ref):
         be.run_scoped(
             lambda *sc: _mosaic_kernel(a_ref, b_ref, o_ref, sc, m=m, n=n, k=k, cfg=cfg,
-                                       k_chunk=_K_CHUNK, n_cta=n_cta),
+                                       k_chunk=k_chunk, n_cta=n_cta),
             *scratch, collective_axes="wg")
 
     out = be.mosaic_kernel(
@@ -673,7 +689,7 @@ def _bmm(a, b, bias, out_dtype, precision, implementation, config):
         return (out if bias is None else out + bias.astype(jnp.float32)).astype(out_dtype)
     if implementation == "pallas":
         return _bmm_pallas(a, b, bias, out_dtype=out_dtype, precision=precision, config=config,
-                           key=be.trace_key())
+                           key=(be.trace_key(), _K_CHUNK, _K_CHUNK_ALIGN))
     if implementation == "reference":
         return _bmm_reference(a, b, bias, out_dtype=out_dtype)
     return _bmm_xla(a, b, bias, out_dtype=out_dtype, precision=precision)
