@@ -28,11 +28,12 @@ def run_matmul(key):
     from bi_jax.matmul import shipped_configs
 
     mm = sys.modules["bi_jax.matmul"]  # bi_jax.matmul the attribute is the function
-    shipped_chunk = mm._K_CHUNK
+    shipped = mm._K_CHUNK, mm._K_CHUNK_ALIGN
     shapes = ((1, 100, 70), (3, 129, 33), (17, 64, 257), (130, 200, 190))
     try:
-        for chunk in (shipped_chunk, 64):  # 64: ragged K in several chunks (split-K kernels)
-            mm._K_CHUNK = chunk
+        # (64, 64): ragged K in several chunks (split-K kernels); (192, 64): even chunks, K = 200
+        # as 128 + 72 and 256 as 128 + 128 (not 192 + the rest)
+        for mm._K_CHUNK, mm._K_CHUNK_ALIGN in (shipped, (64, 64), (192, 64)):
             for dtype in (jnp.bfloat16, jnp.float16, jnp.float32):
                 for m, k, n in shapes:
                     ka, kb, kc, key = jax.random.split(key, 4)
@@ -51,7 +52,7 @@ def run_matmul(key):
                             out = bi_jax.matmul(a, b, implementation="pallas", config=cfg)
                             assert np.isfinite(np.asarray(out, np.float32)).all()
     finally:
-        mm._K_CHUNK = shipped_chunk
+        mm._K_CHUNK, mm._K_CHUNK_ALIGN = shipped
     return "matmul"
 
 
