@@ -131,30 +131,29 @@ def test_k_chunks_follow_k_alone():
 @pytest.mark.parametrize("align", [64, 256])
 def test_k_chunk_sizes_set_the_sum_order(align, monkeypatch):
     """The chunk sizes are the numerics: K = 384 in chunks of at most 256 is 192 + 192 (multiples
-    of 64) or 256 + 128 (multiples of 256). Each row holds 2^24 at k = 0, ones at k = 192 and 256,
-    and elsewhere small random pairs (x, -x) on a 2^-20 grid, so every partial sum inside a chunk
-    is exact whatever the MMA's order. 192 + 192: the chunk partials are ~2^24 and ~2, and their
-    sum rounds to the float64 result. 256 + 128: the one at k = 192 meets 2^24 inside the first
-    chunk and rounds away (2^24 + 1 - x, x > 0, is below the midpoint), so the row comes out 2 short.
-    Every Triton config (both launch modes) and the Mosaic kernel follow the same chunks."""
+    of 64) or 256 + 128 (multiples of 256). Each row holds 2^23 at k = 0 and 1 (with small even
+    pairs (x, -x) in the rest of that 64-block), ones at k = 192 and 256, and small random pairs on
+    a 2^-20 grid elsewhere, so every sum inside a block or chunk is exact in any order, on any
+    MMA. 192 + 192: the chunk partials are 2^24 and ~2, and their sum rounds to the float64
+    result. 256 + 128: the one at k = 192 meets 2^24 inside the first chunk and is lost (2^24 + 1
+    - x, x > 0, rounds down), so the row comes out 2 short. Every Triton config (both launch
+    modes) and the Mosaic kernel follow the same chunks."""
     monkeypatch.setattr(_mm, "_K_CHUNK", 256)
     monkeypatch.setattr(_mm, "_K_CHUNK_ALIGN", align)
     balanced = align == 64
     assert _mm._k_chunk(384) == (192 if balanced else 256)
     r = np.asarray(randn((128, 192), jnp.float32))
-    tiny = np.sign(r) * np.minimum(1 + np.floor(np.abs(r) * 64), 255) * 2.0**-20  # bf16-exact
-    tiny[:, [96, 128]] = np.abs(tiny[:, [96, 128]])  # the ones' partners: 1 - x just below 1
-    a = np.stack([tiny, -tiny], axis=-1).reshape(128, 384)
-    a[:, 0], a[:, 192], a[:, 256] = 2.0**24, 1.0, 1.0
+    pairs = np.sign(r) * np.minimum(1 + np.floor(np.abs(r) * 64), 255) * 2.0**-20  # bf16-exact
+    pairs[:, :32] = np.sign(r[:, :32]) * (2 + 2 * np.floor(np.abs(r[:, :32])))  # even, beside 2^23
+    pairs[:, [96, 128]] = np.abs(pairs[:, [96, 128]])  # the ones' partners: 1 - x just below 1
+    a = np.stack([pairs, -pairs], axis=-1).reshape(128, 384)
+    a[:, 0], a[:, 1], a[:, 192], a[:, 256] = 2.0**23, 2.0**23, 1.0, 1.0
     a, b = jnp.asarray(a, jnp.bfloat16)[None], jnp.ones((1, 384, 256), jnp.bfloat16)
     want = np.float32(f64(a[0]) @ f64(b[0]))
     assert (want == 2.0**24 + 2).all()
     for cfg in (*shipped_configs(jnp.bfloat16), MOSAIC_CONFIGS[0], MOSAIC_CONFIGS[3]):
         out = np.asarray(_mm._bmm(a, b, None, jnp.dtype(jnp.float32), None, "pallas", cfg)[0])
-        if balanced:
-            np.testing.assert_array_equal(out, want, err_msg=str(cfg))
-        else:
-            np.testing.assert_array_equal(out, want - 2, err_msg=str(cfg))
+        np.testing.assert_array_equal(out, want if balanced else want - 2, err_msg=str(cfg))
 
 
 def test_policy_keeps_block_k_fixed():
