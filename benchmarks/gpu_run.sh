@@ -4,6 +4,7 @@
 #   OUT=/some/dir bash benchmarks/gpu_run.sh              # tests + every sweep, within TOTAL_S
 #   bash benchmarks/gpu_run.sh rmsnorm matmul              # only these steps
 #   bash benchmarks/gpu_run.sh tests                       # only the GPU tests
+#   PYTEST_ARGS=tests/test_attention.py bash benchmarks/gpu_run.sh tests   # some of them
 #
 # Steps, in this order: tests rmsnorm matmul log_softmax attention decode (default: all).
 # Run from anywhere; it works in the repository root with PYTHONPATH=. (nothing is installed).
@@ -15,8 +16,11 @@
 #   <op>.png        the chart of each sweep that ran
 #
 # Time: the script stops starting work at TOTAL_S seconds (default 480). The tests get at most
-# PYTEST_TIMEOUT_S (default 150); the time left is split between the remaining sweeps by weight
-# and passed as --budget-s: a sweep past its budget skips its remaining points (recorded as
+# PYTEST_TIMEOUT_S (default 150). The whole GPU subset takes longer than one 600 s device call
+# (H100, 2026-11-25: test_attention.py ~60 s, test_reductions.py ~110 s, test_matmul.py over
+# 400 s, most of it compiling a kernel per shape): pick files with PYTEST_ARGS, one or two per
+# call, e.g. PYTEST_ARGS="tests/test_matmul.py -k mosaic". The time left is split between the
+# remaining sweeps by weight and passed as --budget-s: a sweep past its budget skips its remaining points (recorded as
 # skipped; x values run coarse-to-fine and the slow reference line last, so a cut sweep still
 # spans its x range). For complete sweeps, run one or two steps per call.
 #
@@ -24,6 +28,7 @@
 #   OUT               output directory (default gpu_out)
 #   TOTAL_S           wall-clock budget of the whole script in seconds (default 480)
 #   PYTEST_TIMEOUT_S  limit of the test step in seconds (default 150)
+#   PYTEST_ARGS       what pytest collects (default: tests), split into words
 #   BENCH_ARGS        extra arguments for every sweep, e.g. "--reps 30"
 #   RMSNORM_ARGS MATMUL_ARGS LOG_SOFTMAX_ARGS ATTENTION_ARGS DECODE_ARGS
 #                     extra arguments for one sweep, e.g. MATMUL_ARGS="--shapes 4096x4096"
@@ -36,6 +41,7 @@ OUT="${OUT:-gpu_out}"
 PYTHON="${PYTHON:-python3}"
 TOTAL_S="${TOTAL_S:-480}"
 PYTEST_TIMEOUT_S="${PYTEST_TIMEOUT_S:-150}"
+PYTEST_ARGS="${PYTEST_ARGS:-tests}"
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 if [ -z "${BI_JAX_COMMIT:-}" ]; then
@@ -81,9 +87,10 @@ main() {
     if [ "$step" = tests ]; then
       t=$(( PYTEST_TIMEOUT_S < remaining ? PYTEST_TIMEOUT_S : remaining ))
       if [ "$t" -lt 10 ]; then status[$step]="skipped (no time left)"; continue; fi
-      echo; echo "== [$(elapsed)s] GPU tests: $PYTHON -m pytest -m gpu -q tests (limit ${t}s)"
+      echo; echo "== [$(elapsed)s] GPU tests: $PYTHON -m pytest -m gpu -q $PYTEST_ARGS (limit ${t}s)"
+      # shellcheck disable=SC2086  # PYTEST_ARGS is split into words on purpose
       timeout --signal=INT --kill-after=15 "$t" \
-        "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$RES/pytest_gpu.txt"
+        "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider $PYTEST_ARGS 2>&1 | tee "$RES/pytest_gpu.txt"
       rc=${PIPESTATUS[0]}
       if [ "$rc" -eq 124 ]; then echo "GPU tests stopped at the ${t}s limit (PYTEST_TIMEOUT_S)"; fi
       status[$step]="rc=$rc"
