@@ -20,9 +20,10 @@
 # (H100, 2026-11-25: test_attention.py ~60 s, test_reductions.py ~110 s, test_matmul.py over
 # 400 s, most of it compiling a kernel per shape): pick files with PYTEST_ARGS, one or two per
 # call, e.g. PYTEST_ARGS="tests/test_matmul.py -k mosaic". The time left is split between the
-# remaining sweeps by weight and passed as --budget-s: a sweep past its budget skips its remaining points (recorded as
-# skipped; x values run coarse-to-fine and the slow reference line last, so a cut sweep still
-# spans its x range). For complete sweeps, run one or two steps per call.
+# remaining sweeps by weight and passed as --budget-s: a sweep past its budget skips its
+# remaining points (recorded as skipped; x values run coarse-to-fine and the slow reference line
+# last, so a cut sweep still spans its x range). For complete sweeps, run one or two steps per
+# call.
 #
 # Environment:
 #   OUT               output directory (default gpu_out)
