@@ -17,9 +17,9 @@ Invariance:
   of 512 (``_k_chunk``, a function of K alone: K = 14336 is 7168 + 7168); inside a chunk one
   fresh accumulator runs over ascending ``block_k`` blocks (chained MMAs), and the chunk partials
   join a running total in ascending order, ``((0 + p0) + p1) + ...``; the bias is added in fp32
-  and the result is rounded once. The order
-  depends on K alone, never on M or on the other rows, so row ``i`` of the output has the same bits
-  for any batch (no atomics, no data-dependent split). What follows M (``matmul_config``) is only
+  and the result is rounded once. The order depends on K alone, never on M or on the other rows,
+  so row ``i`` of the output has the same bits for any batch (no atomics, no data-dependent
+  split). What follows M (``matmul_config``) is only
   how the work is launched: the M/N tile, warps and stages, and whether each chunk partial gets its
   own program (``split_k``, for small M and K > 8192, summed in the same order by a second kernel)
   or one program walks all chunks of its tile, and which kernel runs: the Triton one, or on
