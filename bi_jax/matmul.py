@@ -12,23 +12,23 @@ inputs ``precision`` follows XLA on GPU: DEFAULT and HIGH mean TF32 products, HI
 float32 products.
 
 Invariance:
-  Every output element is a fixed two-level fp32 sum over K: K is cut into the fewest chunks of
-  at most 8192 elements, all but the last of one size, the even share rounded up to a multiple
-  of 512 (``_k_chunk``, a function of K alone: K = 14336 is 7168 + 7168); inside a chunk one
-  fresh accumulator runs over ascending ``block_k`` blocks (chained MMAs), and the chunk partials
-  join a running total in ascending order, ``((0 + p0) + p1) + ...``; the bias is added in fp32
-  and the result is rounded once. The order depends on K alone, never on M or on the other rows,
-  so row ``i`` of the output has the same bits for any batch (no atomics, no data-dependent
-  split). What follows M (``matmul_config``) is only
-  how the work is launched: the M/N tile, warps and stages, and whether each chunk partial gets its
-  own program (``split_k``, for small M and K > 8192, summed in the same order by a second kernel)
-  or one program walks all chunks of its tile, and which kernel runs: the Triton one, or on
-  Hopper from M = 129 (bf16/fp16, no bias, K and N multiples of 64), a persistent Mosaic GPU
-  kernel (TMA + wgmma). Both chain the per-block MMAs into one
+  Every output element is a fixed two-level fp32 sum over K: K is cut into the fewest chunks of at
+  most 8192 elements, all but the last of one size, the even share rounded up to a multiple of 512
+  (``_k_chunk``, a function of K alone: K = 14336 is 7168 + 7168); inside a chunk one fresh
+  accumulator runs over ascending ``block_k`` blocks (chained MMAs), and the chunk partials join a
+  running total in ascending order, ``((0 + p0) + p1) + ...``; the bias is added in fp32 and the
+  result is rounded once. The order depends on K alone, never on M or on the other rows, so row
+  ``i`` of the output has the same bits for any batch (no atomics, no data-dependent split). What
+  follows M (``matmul_config``) is only how the work is launched: the M/N tile, warps and stages,
+  and whether each chunk partial gets its own program (``split_k``, for small M and K > 8192, summed
+  in the same order by a second kernel) or one program walks all chunks of its tile, and which
+  kernel runs: the Triton one, or on Hopper from M = 129 (bf16/fp16, no bias, K and N multiples of
+  64), a persistent Mosaic GPU kernel (TMA + wgmma). Both chain the per-block MMAs into one
   accumulator whatever the tile, and ``tests/test_matmul.py`` proves bitwise equality across every
-  config the policy can choose and the Mosaic configs, in both launch modes (on the GPU). The reference
-  path multiplies and adds elementwise in a fixed sequential K order, so it is invariant by
-  construction on every backend, the CPU included (XLA's own ``jnp.dot`` is not, even on the CPU).
+  config the policy can choose and the Mosaic configs, in both launch modes (on the GPU). The
+  reference path multiplies and adds elementwise in a fixed sequential K order, so it is invariant
+  by construction on every backend, the CPU included (XLA's own ``jnp.dot`` is not, even on the
+  CPU).
 
 Gradients: a custom VJP computes ``d lhs = g @ rhs^T`` and ``d rhs = lhs^T @ g`` with the same
 implementation as the forward pass (so ``d lhs`` is batch-invariant too; ``d rhs`` sums over the
