@@ -403,10 +403,15 @@ def _sum_partials(partials, bias, out_dtype):
 # ------------------------------------------------------------------------- Mosaic GPU (Hopper)
 
 _MOSAIC_WG_ROWS = 64  # rows of one wgmma accumulator (one compute warpgroup)
+# A boxes (rows) in the tile that M ends in: a warpgroup's v rows in M (a multiple of 8) are
+# the boxes of v's set bits. A box that crossed the end of A (the TMA's zero fill) made the
+# kernel up to 1.2x slower on an H100 (M = 136, K = 14336: 59.8 against 51.4 us at M = 192).
+_MOSAIC_EDGE_BOXES = (64, 32, 16, 8)
 _MOSAIC_EPI_COLS = 64  # the epilogue stores the output in [64, 64] pieces (two SMEM slots)
 # block_n of the Mosaic kernel -> (A/B pipeline stages that fit the SMEM beside a bf16/fp16
-# output, tile rate relative to a 128x256 tile, measured on an H100)
-_MOSAIC_TILES = {256: (4, 1.0), 192: (4, 0.93), 128: (6, 0.86)}
+# output, tile rate relative to a 128x256 tile, measured on an H100; 128x64 from attn-out at
+# M = 256: 128 of its tiles took 17.2 us, 64 tiles of 128x128 22.5 us)
+_MOSAIC_TILES = {256: (4, 1.0), 192: (4, 0.93), 128: (6, 0.86), 64: (8, 0.56)}
 _MOSAIC_BLOCK_N = tuple(_MOSAIC_TILES)
 _MOSAIC_SMEM_BYTES = 232448 - 1024  # an H100 CTA's shared memory, less room for the barriers
 
@@ -431,15 +436,16 @@ def _mosaic_supported(m: int, n: int, k: int, dtype: Any) -> bool:
 
 
 def _mosaic_config(m: int, n: int, k: int, dtype: Any) -> MatmulConfig | None:
-    """The Mosaic GPU kernel's config for a shape (None where it cannot run): 128x256, 128x192 or
-    128x128 tiles, whichever wastes least of the last wave of work items over the SMs (the
-    narrower tiles run at ~0.93 and ~0.86 of the widest one's rate, H100). Up to M = 256 with
+    """The Mosaic GPU kernel's config for a shape (None where it cannot run): 128x256, 128x192,
+    128x128 or 128x64 tiles, whichever wastes least of the last wave of work items over the SMs
+    (the narrower tiles run at ~0.93, ~0.86 and ~0.56 of the widest one's rate, H100; 128x64
+    wins where 128x128 leaves most SMs idle, e.g. K = N = 4096 at M = 129-256). Up to M = 256 with
     several K chunks, each (tile, chunk) is an item of its own (``split_k``): a tile's whole K
     would leave most SMs idle.
 
     ``matmul_config`` takes it on Hopper from M = 129; its bits are the Triton kernel's. On an
-    H100 it was as fast or faster at every M of the matmul sweep from 256 and at M = 200 / 256 /
-    384 with K = 14336, but slower at M = 129 there (78 against 72 us; XLA: 47 us).
+    H100 it was as fast or faster at every M of the matmul sweep from 256, and at M = 129-192
+    (0.87-1.19 of XLA on the Llama-3-8B shapes, where the Triton kernel ran 1.14-3.55).
     """
     dtype = jnp.dtype(dtype)
     if not _mosaic_supported(m, n, k, dtype):
@@ -460,12 +466,15 @@ def _mosaic_kernel(a_ref, b_ref, o_ref, scratch, *, m, n, k, cfg, k_chunk, n_cta
     """Warp-specialised, persistent matmul: two compute warpgroups (64 rows each) and one TMA
     producer per CTA; CTA ``c`` runs items ``c, c + n_cta, ...``, an item being a tile (grouped
     along M as ``_tile_coords``) or, with ``cfg.split_k``, one K chunk of a tile (chunk-major);
-    no numerics. The arithmetic is ``_fused_kernel``'s: per K chunk a fresh fp32 accumulator
+    no numerics. In the tile that M ends in, each warpgroup's A rows in M arrive as boxes of 64,
+    32, 16 and 8 rows that end in M (``_MOSAIC_EDGE_BOXES``), on the warpgroup's own barrier; a
+    warpgroup whose rows are all past M loads, computes and stores nothing, it only releases
+    the ring slots. The arithmetic is ``_fused_kernel``'s: per K chunk a fresh fp32 accumulator
     takes the chunk's ``block_k`` blocks in ascending order (wgmma, chained into the
     accumulator), and ``total = ((0 + p0) + p1) + ...`` is rounded once. With ``split_k`` the
     chunk partials go to ``o_ref`` ([chunks, B, M, N], fp32) for ``_sum_kernel``'s same sum."""
     plgpu = be.mgpu
-    a_smem, b_smem, o_smem, a_bar, b_bar, free = scratch
+    a_smem, b_smem, o_smem, a_bar, a_edge, b_bar, free = scratch
     bm, bn, bk, stages = cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_stages
     i32 = functools.partial(jnp.asarray, dtype=jnp.int32)
     n_blocks, per_chunk = be.cdiv(k, bk), k_chunk // bk
@@ -506,13 +515,21 @@ def _mosaic_kernel(a_ref, b_ref, o_ref, scratch, *, m, n, k, cfg, k_chunk, n_cta
         def tile(t, _):
             c, batch, row0, col0, first, count = item(t)
             g0 = ring_start(t)
+            my_row0 = row0 + wg * _MOSAIC_WG_ROWS
 
             def chunk(start, n_chunk_blocks):  # one fresh accumulator over ring blocks start, ...
                 def mma(acc_ref):
                     @be.loop(0, n_chunk_blocks)
                     def _(i):
                         slot = lax.rem(start + i, i32(stages))
-                        plgpu.barrier_wait(a_bar.at[slot])
+                        @be.when(row0 + bm <= m)
+                        def _():
+                            plgpu.barrier_wait(a_bar.at[slot])
+
+                        @be.when(row0 + bm > m)
+                        def _():
+                            plgpu.barrier_wait(a_edge.at[wg * stages + slot])
+
                         plgpu.barrier_wait(b_bar.at[slot])
                         plgpu.wgmma(acc_ref, a_smem.at[slot, rows], b_smem.at[slot])
                         plgpu.wgmma_wait(1)  # the previous block's wgmma is done: free its slot
@@ -529,27 +546,44 @@ def _mosaic_kernel(a_ref, b_ref, o_ref, scratch, *, m, n, k, cfg, k_chunk, n_cta
 
                 return be.run_scoped(mma, plgpu.ACC((_MOSAIC_WG_ROWS, bn), jnp.float32))
 
-            if split:  # this chunk's partial, unrounded
-                out, lead = chunk(g0, count), (c, batch)
-            else:
-                def fold(ci, total):
-                    first_c = ci * per_chunk
-                    return total + chunk(g0 + first_c, jnp.minimum(per_chunk, n_blocks - first_c))
+            @be.when(my_row0 < m)
+            def _rows():
+                if split:  # this chunk's partial, unrounded
+                    out, lead = chunk(g0, count), (c, batch)
+                else:
+                    def fold(ci, total):
+                        first_c = ci * per_chunk
+                        return total + chunk(g0 + first_c,
+                                             jnp.minimum(per_chunk, n_blocks - first_c))
 
-                zero = plgpu.layout_cast(jnp.full((_MOSAIC_WG_ROWS, bn), 0.0, jnp.float32), lay)
-                out = lax.fori_loop(0, chunks, fold, zero).astype(o_ref.dtype)
-                lead = (batch,)
-            pieces = bn // _MOSAIC_EPI_COLS
-            for j in range(pieces):
-                # the slots alternate across tiles too (an odd piece count would otherwise reuse
-                # the slot of the previous tile's last store, which may still be in flight)
-                piece = o_smem.at[wg, lax.rem(t * pieces + j, i32(2))]
-                plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # this slot's last store left
-                piece[...] = out[:, j * _MOSAIC_EPI_COLS:(j + 1) * _MOSAIC_EPI_COLS]
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(
-                    piece, o_ref.at[(*lead, be.ds(row0 + wg * _MOSAIC_WG_ROWS, _MOSAIC_WG_ROWS),
-                                     be.ds(col0 + j * _MOSAIC_EPI_COLS, _MOSAIC_EPI_COLS))])
+                    zero = plgpu.layout_cast(jnp.full((_MOSAIC_WG_ROWS, bn), 0.0, jnp.float32),
+                                             lay)
+                    out = lax.fori_loop(0, chunks, fold, zero).astype(o_ref.dtype)
+                    lead = (batch,)
+                pieces = bn // _MOSAIC_EPI_COLS
+                for j in range(pieces):
+                    # the slots alternate across tiles too (an odd piece count would otherwise
+                    # reuse the slot of the previous tile's last store, which may be in flight)
+                    piece = o_smem.at[wg, lax.rem(t * pieces + j, i32(2))]
+                    plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # this slot's last store left
+                    piece[...] = out[:, j * _MOSAIC_EPI_COLS:(j + 1) * _MOSAIC_EPI_COLS]
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(
+                        piece, o_ref.at[(*lead, be.ds(my_row0, _MOSAIC_WG_ROWS),
+                                         be.ds(col0 + j * _MOSAIC_EPI_COLS, _MOSAIC_EPI_COLS))])
+
+            @be.when(my_row0 >= m)
+            def _padding():  # rows past M (the last tile of M = 129..192, ...): nothing loaded for
+                # them, nothing to compute or store; release the item's ring slots, and let every
+                # store leave the output slots (the next item may start on either slot)
+                @be.loop(0, count)
+                def _(i):
+                    slot = lax.rem(g0 + i, i32(stages))
+                    plgpu.barrier_wait(b_bar.at[slot])
+                    plgpu.barrier_arrive(free.at[slot])
+
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
             return _
 
         lax.fori_loop(0, n_mine, tile, None)
@@ -573,8 +607,39 @@ def _mosaic_kernel(a_ref, b_ref, o_ref, scratch, *, m, n, k, cfg, k_chunk, n_cta
                     plgpu.barrier_wait(free.at[slot])
 
                 ks = be.ds((first + i) * bk, bk)
-                plgpu.copy_gmem_to_smem(a_ref.at[batch, be.ds(row0, bm), ks], a_smem.at[slot],
-                                        a_bar.at[slot])
+
+                @be.when(row0 + bm <= m)
+                def _():  # all rows in M: one box
+                    plgpu.copy_gmem_to_smem(a_ref.at[batch, be.ds(row0, bm), ks], a_smem.at[slot],
+                                            a_bar.at[slot])
+
+                def edge_box(h, off, size, go):  # warpgroup h's rows off.. of the last tile
+                    @be.when(go)
+                    def _():
+                        h0 = row0 + h * _MOSAIC_WG_ROWS
+                        plgpu.copy_gmem_to_smem(
+                            a_ref.at[batch, be.ds(h0 + off, size), ks],
+                            a_smem.at[slot, be.ds(h * _MOSAIC_WG_ROWS + off, size)],
+                            a_edge.at[h * stages + slot])
+
+                def edge_arrive(h, go):  # a box warpgroup h's rows do not need
+                    @be.when(go)
+                    def _():
+                        plgpu.barrier_arrive(a_edge.at[h * stages + slot])
+
+                @be.when(row0 + bm > m)
+                def _():  # the tile that M ends in: each warpgroup's rows in M, in boxes that end
+                    # in M, on its own barrier (a warpgroup past M has nothing to wait for)
+                    for h in range(bm // _MOSAIC_WG_ROWS):
+                        h0 = row0 + h * _MOSAIC_WG_ROWS
+                        v = jnp.clip(m - h0, 0, _MOSAIC_WG_ROWS)  # a multiple of 8 (M is padded)
+                        for size in _MOSAIC_EDGE_BOXES:
+                            bit = lax.bitwise_and(v, size) != 0
+                            for off in range(0, _MOSAIC_WG_ROWS, 2 * size):  # larger boxes' rows
+                                edge_box(h, off, size,
+                                         bit & (lax.bitwise_and(v, ~(2 * size - 1)) == off))
+                            edge_arrive(h, (v > 0) & ~bit)
+
                 plgpu.copy_gmem_to_smem(b_ref.at[batch, ks, be.ds(col0, bn)], b_smem.at[slot],
                                         b_bar.at[slot])
             return _
@@ -613,6 +678,8 @@ def _bmm_mosaic(a, b, *, out_dtype, cfg):
         be.mgpu.SMEM((st, bk, bn), dt, transforms=tr),
         be.mgpu.SMEM((2, 2, _MOSAIC_WG_ROWS, _MOSAIC_EPI_COLS), out_dtype, transforms=out_tr),
         be.mgpu.Barrier(num_barriers=st),  # a block loaded
+        # a block of the tile that M ends in loaded: warpgroup 0's rows, then warpgroup 1's
+        be.mgpu.Barrier(num_arrivals=len(_MOSAIC_EDGE_BOXES), num_barriers=2 * st),
         be.mgpu.Barrier(num_barriers=st),  # b block loaded
         be.mgpu.Barrier(num_arrivals=2, num_barriers=st),  # slot free (both warpgroups done)
     )

@@ -43,8 +43,9 @@ def run_matmul(key):
                         out = bi_jax.matmul(a, b, bias=bias, implementation="pallas", config=cfg)
                         assert np.isfinite(np.asarray(out, np.float32)).all()
                 # the Mosaic kernel (Hopper, no bias): tiles past the last row and column, M
-                # not a multiple of 8, more tiles than CTAs, one item per K chunk (split_k)
-                for m, k, n in ((133, 192, 320), (264, 256, 448), (4100, 128, 4096)):
+                # not a multiple of 8, more tiles than CTAs, one item per K chunk (split_k), the
+                # rows of the last tile in boxes of 64 / 32 / 16 / 8 rows (M = 181: 32 + 16 + 8)
+                for m, k, n in ((133, 192, 320), (181, 192, 320), (264, 256, 448), (4100, 128, 4096)):
                     ka, kb, key = jax.random.split(key, 3)
                     a, b = _randn(ka, (m, k), dtype), _randn(kb, (k, n), dtype)
                     for cfg in shipped_configs(dtype):
