@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu_run.sh tests                       # only the GPU tests
 #   PYTEST_ARGS=tests/test_attention.py bash benchmarks/gpu_run.sh tests   # some of them
 #
-# Steps, in this order: tests rmsnorm matmul log_softmax attention decode (default: all).
+# Steps, in this order: tests rmsnorm rows matmul log_softmax attention decode (default: all).
 # Run from anywhere; it works in the repository root with PYTHONPATH=. (nothing is installed).
 #
 # What lands in $OUT (at most 8 files, nothing nested):
@@ -31,7 +31,7 @@
 #   PYTEST_TIMEOUT_S  limit of the test step in seconds (default 150)
 #   PYTEST_ARGS       what pytest collects (default: tests), split into words
 #   BENCH_ARGS        extra arguments for every sweep, e.g. "--reps 30"
-#   RMSNORM_ARGS MATMUL_ARGS LOG_SOFTMAX_ARGS ATTENTION_ARGS DECODE_ARGS
+#   RMSNORM_ARGS ROWS_ARGS MATMUL_ARGS LOG_SOFTMAX_ARGS ATTENTION_ARGS DECODE_ARGS
 #                     extra arguments for one sweep, e.g. MATMUL_ARGS="--shapes 4096x4096"
 #   PYTHON            interpreter (default python3)
 #   BI_JAX_COMMIT     commit recorded in the results (default: git rev-parse HEAD, else unknown)
@@ -50,8 +50,8 @@ if [ -z "${BI_JAX_COMMIT:-}" ]; then
 fi
 export BI_JAX_COMMIT
 
-ALL_STEPS=(tests rmsnorm matmul log_softmax attention decode)
-declare -A WEIGHT=([rmsnorm]=10 [matmul]=30 [log_softmax]=10 [attention]=25 [decode]=20)
+ALL_STEPS=(tests rmsnorm rows matmul log_softmax attention decode)
+declare -A WEIGHT=([rmsnorm]=10 [rows]=20 [matmul]=30 [log_softmax]=10 [attention]=25 [decode]=20)
 if [ $# -eq 0 ]; then STEPS=("${ALL_STEPS[@]}"); else STEPS=("$@"); fi
 for s in "${STEPS[@]}"; do
   case " ${ALL_STEPS[*]} " in

@@ -1,6 +1,6 @@
 """Run benchmark sweeps: ``python -m benchmarks.run <op> [<op> ...] [options]``.
 
-ops: rmsnorm, matmul, log_softmax, attention, decode, or all. Results (JSON, CSV, PNG, summary)
+ops: rmsnorm, rows, matmul, log_softmax, attention, decode, or all. Results (JSON, CSV, PNG, summary)
 go to ``benchmarks/results`` (``--out`` to change). ``--quick`` runs tiny shapes with few
 repetitions (on the CPU in under a minute per op) to test the harness itself. See
 benchmarks/README.md.
@@ -20,6 +20,7 @@ import warnings
 
 OPS = {
     "rmsnorm": "benchmarks.rmsnorm",
+    "rows": "benchmarks.rows",
     "matmul": "benchmarks.matmul",
     "log_softmax": "benchmarks.log_softmax",
     "attention": "benchmarks.attention",
@@ -63,17 +64,17 @@ def parser() -> argparse.ArgumentParser:
                    help="comma-separated subset of lines: xla,pallas,reference[,cudnn,jax_example]")
     p.add_argument("--reference-max", type=int, default=None,
                    help="skip the slow reference line above this x (0: never run it); default "
-                        "per op: matmul M=256, attention B*T=4096, decode B=64, others no limit")
+                        "per op: matmul M=256, attention B*T=4096, decode B=64, rows 64, others no limit")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
                    help="input dtype (default bfloat16)")
     p.add_argument("--allow-cpu", action="store_true",
                    help="run full-size sweeps without a GPU (Pallas in interpret mode: very slow)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     g = p.add_argument_group("op-specific")
-    g.add_argument("--hidden", type=int, default=None, help="rmsnorm: hidden size (8192)")
+    g.add_argument("--hidden", type=int, default=None, help="rmsnorm, rows: hidden size (8192)")
     g.add_argument("--shapes", default=None,
                    help="matmul: KxN list, e.g. 4096x6144,14336x4096 (Llama-3-8B projections)")
-    g.add_argument("--vocab", type=int, default=None, help="log_softmax: vocabulary (128256)")
+    g.add_argument("--vocab", type=int, default=None, help="log_softmax, rows: vocabulary (128256)")
     g.add_argument("--batches", type=_ints, default=None,
                    help="attention: batch sizes, one panel each (1,2,4,8)")
     g.add_argument("--contexts", type=_ints, default=None,

@@ -1,4 +1,5 @@
-"""The benchmark harness (benchmarks/): a quick matmul sweep end to end, the sweep logic, the copy floor.
+"""The benchmark harness (benchmarks/): quick matmul and row-op sweeps end to end, the sweep logic,
+the copy floor.
 
 The quick sweep runs the real CLI (``python -m benchmarks.run matmul --quick``) on tiny shapes and
 checks that JSON, CSV, PNG and summary are written and well-formed; the toy sweeps check invariance
@@ -20,7 +21,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # benchmarks/ is a package at the repository root, not installed
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import common, copy_floor, run  # noqa: E402
+from benchmarks import common, copy_floor, rows, run  # noqa: E402
 from bi_jax import timing  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -79,6 +80,28 @@ def test_matmul_quick_sweep_end_to_end(tmp_path):
     assert "bitwise invariant" in summary
     # The ratio tables are printed last.
     assert summary.rstrip().endswith((tmp_path / "matmul_quick_ratios.txt").read_text().rstrip())
+
+
+def test_rows_quick_sweep_runs_each_op(tmp_path):
+    """The row-op sweep: every panel runs its own op (each case's input names it), every bi_jax
+    point is invariant, and a panel's function is the public op it names."""
+    assert run.main(["rows", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    doc = json.loads((tmp_path / "rows_quick.json").read_text())
+    assert doc["ok"] is True
+    assert [c["op"] for c in doc["cases"]] == ["rms_norm", "layer_norm", "softmax", "softmax",
+                                               "sum", "mean"]
+    assert all(p["status"] == "ok" for p in doc["points"] if p["line"] != "reference")
+
+    import bi_jax
+
+    sweep = rows.build(run.parser().parse_args(["rows", "--quick"]))
+    fn = rows._call("reference")
+    for case in sweep.cases:
+        (d,) = case.inputs(3)
+        ((name, args),) = d.items()
+        direct = getattr(bi_jax, name)(*args, implementation="reference")
+        np.testing.assert_array_equal(np.asarray(fn(d)), np.asarray(direct))
+        assert np.asarray(direct).shape[0] == 3
 
 
 def _toy_sweep(*, pallas_fn=None, budget_breaker=False) -> common.Sweep:
