@@ -58,6 +58,7 @@ from bi_jax.reductions import (
     row_config,
     row_map,
     store_tile,
+    write_tiles,
 )
 
 __all__ = ["layer_norm", "layer_norm_reference", "rms_norm", "rms_norm_reference"]
@@ -67,8 +68,10 @@ _F32 = jnp.float32
 # ------------------------------------------------------------------------------------------ kernels
 
 
-def _rms_norm_kernel(*refs, rows, n, block_rows, block, eps, has_weight, has_residual):
-    """``block_rows`` rows: x, [weight], [residual] -> out, [s = x + residual] (``[rows, n]``)."""
+def _rms_norm_kernel(*refs, rows, n, block_rows, block, eps, has_weight, has_residual, tiles=1):
+    """``block_rows`` rows: x, [weight], [residual] -> out, [s = x + residual] (``[rows, n]``).
+
+    ``tiles > 1`` (one block per row): this program writes column tile ``program_id(1)``."""
     refs = list(refs)
     x_ref = refs.pop(0)
     w_ref = refs.pop(0) if has_weight else None
@@ -80,24 +83,33 @@ def _rms_norm_kernel(*refs, rows, n, block_rows, block, eps, has_weight, has_res
                              other=0.0)
     num_blocks = -(-n // block)
 
-    def load_row(c0, write_sum):  # x (+ residual, rounded to x's dtype) as fp32, and its mask
-        x, mask = tile(x_ref, c0=c0)  # [block_rows, block]
+    def load_row(c0, write_sum, width=block):  # x (+ residual, rounded) as fp32, and its mask
+        x, mask = tile(x_ref, c0=c0, block=width)  # [block_rows, width]
         if r_ref is not None:
-            x = (x.astype(_F32) + tile(r_ref, c0=c0)[0].astype(_F32)).astype(x_ref.dtype)
+            x = (x.astype(_F32) + tile(r_ref, c0=c0, block=width)[0].astype(_F32)).astype(
+                x_ref.dtype)
+            if be.interpret_mode():  # keep the rounding: XLA:CPU may drop a bf16 round trip
+                x = lax.optimization_barrier(x)  # (excess precision) where s is not stored
             if write_sum:
-                store_tile(s_ref, r0, c0, x, mask, block_rows=block_rows, block=block)
+                store_tile(s_ref, r0, c0, x, mask, block_rows=block_rows, block=width)
         return x.astype(_F32), mask
 
-    def write(c0, x, rstd, mask):
+    def write(c0, x, rstd, mask, width=block):
         y = x * rstd
         if w_ref is not None:
-            y = y * load_vector(w_ref, c0, n=n, block=block)
-        store_tile(o_ref, r0, c0, y, mask, block_rows=block_rows, block=block)
+            y = y * load_vector(w_ref, c0, n=n, block=width)
+        store_tile(o_ref, r0, c0, y, mask, block_rows=block_rows, block=width)
 
     if num_blocks == 1:  # the row in registers: read once
-        x, mask = load_row(0, write_sum=True)
+        x, mask = load_row(0, write_sum=tiles == 1)
         rstd = lax.rsqrt(jnp.sum(x * x, axis=1, keepdims=True) / n + eps)  # [block_rows, 1]
-        write(0, x, rstd, mask)
+        if tiles == 1:
+            write(0, x, rstd, mask)
+        else:  # this program's columns only, reloaded: the same elementwise arithmetic
+            width = block // tiles
+            c0 = be.program_id(1) * width
+            xt, mask_t = load_row(c0, write_sum=True, width=width)
+            write(c0, xt, rstd, mask_t, width)
         return
 
     def sum_squares(i, acc):  # pass 1 (writes s once)
@@ -115,8 +127,10 @@ def _rms_norm_kernel(*refs, rows, n, block_rows, block, eps, has_weight, has_res
     lax.fori_loop(0, num_blocks, normalize, 0)
 
 
-def _layer_norm_kernel(*refs, rows, n, block_rows, block, eps, has_weight, has_bias):
-    """``block_rows`` rows: x ``[rows, n]``, [weight, bias ``[n]``] -> out ``[rows, n]``."""
+def _layer_norm_kernel(*refs, rows, n, block_rows, block, eps, has_weight, has_bias, tiles=1):
+    """``block_rows`` rows: x ``[rows, n]``, [weight, bias ``[n]``] -> out ``[rows, n]``.
+
+    ``tiles > 1`` (one block per row): this program writes column tile ``program_id(1)``."""
     refs = list(refs)
     x_ref = refs.pop(0)
     w_ref = refs.pop(0) if has_weight else None
@@ -127,24 +141,30 @@ def _layer_norm_kernel(*refs, rows, n, block_rows, block, eps, has_weight, has_b
                              block=block, other=0.0)
     num_blocks = -(-n // block)
 
-    def load_row(c0):
-        x, mask = tile(c0)
+    def load_row(c0, width=block):
+        x, mask = tile(c0, block=width)
         return x.astype(_F32), mask
 
-    def write(c0, centred, rstd, mask):
+    def write(c0, centred, rstd, mask, width=block):
         y = centred * rstd
         if w_ref is not None:
-            y = y * load_vector(w_ref, c0, n=n, block=block)
+            y = y * load_vector(w_ref, c0, n=n, block=width)
         if b_ref is not None:
-            y = y + load_vector(b_ref, c0, n=n, block=block)
-        store_tile(o_ref, r0, c0, y, mask, block_rows=block_rows, block=block)
+            y = y + load_vector(b_ref, c0, n=n, block=width)
+        store_tile(o_ref, r0, c0, y, mask, block_rows=block_rows, block=width)
 
     if num_blocks == 1:  # the row in registers: read once, two-pass statistics from registers
         x, mask = load_row(0)
         mu = jnp.sum(x, axis=1, keepdims=True) / n  # [block_rows, 1]
         d = jnp.where(mask, x - mu, 0.0)
         rstd = lax.rsqrt(jnp.sum(d * d, axis=1, keepdims=True) / n + eps)
-        write(0, d, rstd, mask)
+        if tiles == 1:
+            write(0, d, rstd, mask)
+        else:  # this program's columns only, reloaded: the same elementwise arithmetic
+            width = block // tiles
+            c0 = be.program_id(1) * width
+            xt, mask_t = load_row(c0, width)
+            write(c0, jnp.where(mask_t, xt - mu, 0.0), rstd, mask_t, width)
         return
 
     zeros = jnp.zeros((block_rows, block), _F32)
@@ -182,6 +202,7 @@ def _rms_norm_pallas(x2, weight, residual2, *, eps, config):
     return launch_rows(
         _rms_norm_kernel, operands, (out, out) if residual2 is not None else out, rows=rows,
         config=cfg, name="bi_jax_add_rms_norm" if residual2 is not None else "bi_jax_rms_norm",
+        tiles=write_tiles(rows, cfg, n),
         n=n, eps=float(eps), has_weight=weight is not None, has_residual=residual2 is not None,
     )
 
@@ -193,8 +214,8 @@ def _layer_norm_pallas(x2, weight, bias, *, eps, config):
     operands = tuple(a for a in (x2, weight, bias) if a is not None)
     return launch_rows(
         _layer_norm_kernel, operands, jax.ShapeDtypeStruct(x2.shape, x2.dtype), rows=rows,
-        config=cfg, name="bi_jax_layer_norm", n=n, eps=float(eps), has_weight=weight is not None,
-        has_bias=bias is not None,
+        config=cfg, name="bi_jax_layer_norm", tiles=write_tiles(rows, cfg, n), n=n,
+        eps=float(eps), has_weight=weight is not None, has_bias=bias is not None,
     )
 
 

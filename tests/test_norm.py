@@ -234,6 +234,24 @@ def test_nonfinite_rows_stay_local(impl, config):
     testing.assert_bitwise_equal((normed[rows], s[rows]), (normed_clean[rows], s_clean[rows]))
 
 
+@pytest.mark.parametrize("tiles", [2, 4, 8])
+def test_write_tiles_keep_the_bits(tiles, monkeypatch):
+    """Few rows: programs that each write a column tile (``write_tiles``) give the bits of one
+    program per row, for both norms and the fused residual (ragged row, ragged last tile)."""
+    import sys
+
+    norm = sys.modules["bi_jax.norm"]  # the module (bi_jax.norm is not re-exported as one)
+    x, r, w, b = _inputs(3, 4000, jnp.bfloat16)
+
+    def run(t):
+        monkeypatch.setattr(norm, "write_tiles", lambda rows, cfg, n: t)
+        return (bi_jax.rms_norm(x, w, implementation="pallas"),
+                bi_jax.rms_norm(x, w, residual=r, implementation="pallas"),
+                bi_jax.layer_norm(x, w, b, implementation="pallas"))
+
+    testing.assert_bitwise_equal(run(tiles), run(1))
+
+
 # ----------------------------------------------------------------------------------- invariance
 
 
