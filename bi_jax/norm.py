@@ -23,6 +23,8 @@ Invariance:
   in an fp32 block and reduced once). The config comes from ``row_config(n, dtype)``, never from the
   row count, and rows never share a reduction, so every output row has the same bits whatever the
   other rows and their number. The residual add happens in the same program that normalises the row.
+  At up to 64 one-block rows, 2-8 programs per row (``reductions.write_tiles``, chosen from the row
+  count: a launch choice) each run that same whole-row reduction and write one column tile.
   The reference path reduces with ``reductions.fixed_order_reduce`` (sequential chunks, fixed
   pairwise tree, elementwise only) and computes the per-row statistics lane-aligned
   (``reductions.row_map``; the product with the weight is rounded before the bias add): invariant
