@@ -24,7 +24,9 @@ Invariance:
   row count, and rows never share a reduction, so every output row has the same bits whatever the
   other rows and their number. The residual add happens in the same program that normalises the row.
   At up to 64 one-block rows, 2-8 programs per row (``reductions.write_tiles``, chosen from the row
-  count: a launch choice) each run that same whole-row reduction and write one column tile.
+  count: a launch choice) each run that same whole-row reduction and write one column tile;
+  at 397-528 rows of 8192 columns (on 132 SMs) a layer_norm program writes its row in 4 reloaded
+  pieces (``_write_parts``, also a launch choice: the same elementwise arithmetic).
   The reference path reduces with ``reductions.fixed_order_reduce`` (sequential chunks, fixed
   pairwise tree, elementwise only) and computes the per-row statistics lane-aligned
   (``reductions.row_map``; the product with the weight is rounded before the bias add): invariant
@@ -129,10 +131,13 @@ def _rms_norm_kernel(*refs, rows, n, block_rows, block, eps, has_weight, has_res
     lax.fori_loop(0, num_blocks, normalize, 0)
 
 
-def _layer_norm_kernel(*refs, rows, n, block_rows, block, eps, has_weight, has_bias, tiles=1):
+def _layer_norm_kernel(*refs, rows, n, block_rows, block, eps, has_weight, has_bias, tiles=1,
+                      parts=1):
     """``block_rows`` rows: x ``[rows, n]``, [weight, bias ``[n]``] -> out ``[rows, n]``.
 
-    ``tiles > 1`` (one block per row): this program writes column tile ``program_id(1)``."""
+    ``tiles > 1`` (one block per row): this program writes column tile ``program_id(1)``.
+    ``parts > 1`` (one block per row): it writes its columns in ``parts`` pieces, one after the
+    other, each reloaded (``_write_parts``)."""
     refs = list(refs)
     x_ref = refs.pop(0)
     w_ref = refs.pop(0) if has_weight else None
@@ -160,11 +165,12 @@ def _layer_norm_kernel(*refs, rows, n, block_rows, block, eps, has_weight, has_b
         mu = jnp.sum(x, axis=1, keepdims=True) / n  # [block_rows, 1]
         d = jnp.where(mask, x - mu, 0.0)
         rstd = lax.rsqrt(jnp.sum(d * d, axis=1, keepdims=True) / n + eps)
-        if tiles == 1:
+        if tiles * parts == 1:
             write(0, d, rstd, mask)
-        else:  # this program's columns only, reloaded: the same elementwise arithmetic
-            width = block // tiles
-            c0 = be.program_id(1) * width
+            return
+        width = block // (tiles * parts)  # this program's columns, reloaded piece by piece:
+        for k in range(parts):  # the same elementwise arithmetic
+            c0 = (be.program_id(1) * parts + k) * width
             xt, mask_t = load_row(c0, width)
             write(c0, jnp.where(mask_t, xt - mu, 0.0), rstd, mask_t, width)
         return
@@ -209,15 +215,34 @@ def _rms_norm_pallas(x2, weight, residual2, *, eps, config):
     )
 
 
+def _write_parts(rows: int, config: RowConfig, n: int) -> int:
+    """Pieces a one-program-per-row layer_norm writes its row in (no numerics: the launch only).
+
+    One block of 8192 columns in 16 warps holds the row and its centred copy in registers: 39 per
+    thread (ncu, H100, 2026-11-25), so 3 programs fit on an SM. 3-4 programs per SM of rows
+    then take two waves where 4 per SM would take one. Writing the row in 4 pieces, each
+    reloaded from memory (L1/L2, just read) and centred again with the same ``mu``, needs 31
+    registers: 4 programs per SM. The reload costs 3-24% wherever it saves no wave (probe,
+    H100: 128-384 and 640-8192 rows), so it is used only for those rows.
+    """
+    if config.block != 8192 or config.block_rows > 1 or n > config.block:
+        return 1
+    sms = be.sm_count()
+    return 4 if 3 * sms < rows <= 4 * sms else 1
+
+
 def _layer_norm_pallas(x2, weight, bias, *, eps, config):
     """x ``[rows, n]``, weight / bias ``[n]`` | None -> ``[rows, n]``."""
     rows, n = x2.shape
     cfg = config or row_config(n, x2.dtype)
     operands = tuple(a for a in (x2, weight, bias) if a is not None)
+    tiles = write_tiles(rows, cfg, n)
+    parts = _write_parts(rows, cfg, n) if tiles == 1 else 1
     return launch_rows(
         _layer_norm_kernel, operands, jax.ShapeDtypeStruct(x2.shape, x2.dtype), rows=rows,
-        config=cfg, name="bi_jax_layer_norm", tiles=write_tiles(rows, cfg, n), n=n,
-        eps=float(eps), has_weight=weight is not None, has_bias=bias is not None,
+        config=cfg, name="bi_jax_layer_norm", tiles=tiles, n=n, eps=float(eps),
+        has_weight=weight is not None, has_bias=bias is not None,
+        **({"parts": parts} if parts > 1 else {}),
     )
 
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import bi_jax
 from bi_jax import _backend as be
 from bi_jax import testing
-from bi_jax.reductions import RowConfig, shipped_configs
+from bi_jax.reductions import RowConfig, row_config, shipped_configs
 
 DTYPES = [jnp.bfloat16, jnp.float16, jnp.float32]
 INVARIANT_IMPLS = ["pallas", "reference"]
@@ -252,6 +252,41 @@ def test_write_tiles_keep_the_bits(tiles, monkeypatch):
     testing.assert_bitwise_equal(run(tiles), run(1))
 
 
+@pytest.mark.parametrize("parts", [2, 4])
+def test_layer_norm_write_parts_keep_the_bits(parts, monkeypatch):
+    """A layer_norm program that writes its row in reloaded pieces (``_write_parts``) gives the
+    bits of one that writes it whole (ragged row: the last piece is masked; with and without the
+    affine vectors)."""
+    import sys
+
+    norm = sys.modules["bi_jax.norm"]
+    x, _, w, b = _inputs(5, 8000, jnp.bfloat16)
+    chosen = []
+
+    monkeypatch.setattr(norm, "write_tiles", lambda rows, cfg, n: 1)  # a program per row
+
+    def run(p):
+        monkeypatch.setattr(norm, "_write_parts", lambda rows, cfg, n: chosen.append(p) or p)
+        return (bi_jax.layer_norm(x, w, b, implementation="pallas"),
+                bi_jax.layer_norm(x, implementation="pallas"))
+
+    testing.assert_bitwise_equal(run(parts), run(1))
+    assert chosen == [parts, parts, 1, 1]  # the patched policy was consulted by every call
+
+
+def test_write_parts_policy():
+    """Pieces only where they save a wave: one-block rows of 8192, 3-4 programs per SM of rows."""
+    import sys
+
+    norm = sys.modules["bi_jax.norm"]
+    sms = be.sm_count()
+    cfg = row_config(8192, jnp.bfloat16)
+    assert [norm._write_parts(r, cfg, 8192) for r in (3 * sms, 3 * sms + 1, 4 * sms, 4 * sms + 1)] \
+        == [1, 4, 4, 1]
+    for n in (4096, 16384, 20480):
+        assert norm._write_parts(4 * sms, row_config(n, jnp.bfloat16), n) == 1
+
+
 # ----------------------------------------------------------------------------------- invariance
 
 
@@ -385,6 +420,19 @@ def test_every_config_lowers_for_cuda(dtype):
             assert be.triton_kernel_count(exported) == kernels, (n, cfg)
 
 
+def test_layer_norm_write_parts_lower_for_cuda():
+    """The pieces path (``_write_parts``: 4 x SMs rows of 8192) lowers for CUDA."""
+    import sys
+
+    rows = 4 * be.sm_count()
+    assert sys.modules["bi_jax.norm"]._write_parts(rows, row_config(8192, jnp.bfloat16), 8192) == 4
+    x = jax.ShapeDtypeStruct((rows, 8192), jnp.bfloat16)
+    v = jax.ShapeDtypeStruct((8192,), jnp.bfloat16)
+    exported = be.export_for_cuda(
+        lambda a, w: bi_jax.layer_norm(a, w, w, implementation="pallas"), x, v)
+    assert be.triton_kernel_count(exported) == 1
+
+
 def test_grad_lowers_for_cuda():
     x = jax.ShapeDtypeStruct((3, 4096), jnp.bfloat16)
     w = jax.ShapeDtypeStruct((4096,), jnp.bfloat16)
@@ -399,7 +447,7 @@ def test_grad_lowers_for_cuda():
 
 # --------------------------------------------------------------------------------- GPU only
 
-GPU_ROWS = (1, 2, 3, 7, 16, 33, 128, 255, 300, 1000, 4095)
+GPU_ROWS = (1, 2, 3, 7, 16, 33, 128, 255, 300, 512, 1000, 4095)
 
 
 @pytest.mark.gpu
