@@ -25,8 +25,8 @@ Invariance:
   other rows and their number. The residual add happens in the same program that normalises the row.
   At up to 64 one-block rows, 2-8 programs per row (``reductions.write_tiles``, chosen from the row
   count: a launch choice) each run that same whole-row reduction and write one column tile;
-  at 397-528 rows of 8192 columns (on 132 SMs) a layer_norm program writes its row in 4 reloaded
-  pieces (``_write_parts``, also a launch choice: the same elementwise arithmetic).
+  at 397-528 rows of 8192 bf16/fp16 columns (on 132 SMs) a layer_norm program writes its row in
+  4 reloaded pieces (``_write_parts``, also a launch choice: the same elementwise arithmetic).
   The reference path reduces with ``reductions.fixed_order_reduce`` (sequential chunks, fixed
   pairwise tree, elementwise only) and computes the per-row statistics lane-aligned
   (``reductions.row_map``; the product with the weight is rounded before the bias add): invariant
@@ -215,17 +215,20 @@ def _rms_norm_pallas(x2, weight, residual2, *, eps, config):
     )
 
 
-def _write_parts(rows: int, config: RowConfig, n: int) -> int:
+def _write_parts(rows: int, config: RowConfig, n: int, dtype: Any) -> int:
     """Pieces a one-program-per-row layer_norm writes its row in (no numerics: the launch only).
 
-    One block of 8192 columns in 16 warps holds the row and its centred copy in registers: 39 per
-    thread (ncu, H100, 2026-11-25), so 3 programs fit on an SM. 3-4 programs per SM of rows
-    then take two waves where 4 per SM would take one. Writing the row in 4 pieces, each
-    reloaded from memory (L1/L2, just read) and centred again with the same ``mu``, needs 31
-    registers: 4 programs per SM. The reload costs 3-24% wherever it saves no wave (probe,
-    H100: 128-384 and 640-8192 rows), so it is used only for those rows.
+    One block of 8192 bf16/fp16 columns in 16 warps holds the row and its centred copy in
+    registers: 39 per thread (ncu, H100, 2026-11-25), so 3 programs fit on an SM, and 3-4
+    programs per SM of rows take two waves where 4 per SM would take one. Writing the row in 4
+    pieces, each reloaded (from L1/L2: just read) and centred again with the same ``mu``, needs 32
+    registers: 4 programs per SM, one wave. Probe (H100, bf16): 0.91-0.99 of the one-piece time
+    at 400-528 rows, but 1.04 at 397 rows and 1.03-1.24 at 128-384 and 640-8192 rows, where the
+    reload saves no wave; fp16 0.89-0.98 at 400-528 rows; fp32 (51 registers, bandwidth-bound)
+    1.01-1.04. So: 2-byte dtypes, more than 3 and at most 4 rows per SM.
     """
-    if config.block != 8192 or config.block_rows > 1 or n > config.block:
+    if (config.block != 8192 or config.block_rows > 1 or n > config.block
+            or jnp.dtype(dtype).itemsize != 2):
         return 1
     sms = be.sm_count()
     return 4 if 3 * sms < rows <= 4 * sms else 1
@@ -237,7 +240,7 @@ def _layer_norm_pallas(x2, weight, bias, *, eps, config):
     cfg = config or row_config(n, x2.dtype)
     operands = tuple(a for a in (x2, weight, bias) if a is not None)
     tiles = write_tiles(rows, cfg, n)
-    parts = _write_parts(rows, cfg, n) if tiles == 1 else 1
+    parts = _write_parts(rows, cfg, n, x2.dtype) if tiles == 1 else 1
     return launch_rows(
         _layer_norm_kernel, operands, jax.ShapeDtypeStruct(x2.shape, x2.dtype), rows=rows,
         config=cfg, name="bi_jax_layer_norm", tiles=tiles, n=n, eps=float(eps),

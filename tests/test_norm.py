@@ -266,7 +266,7 @@ def test_layer_norm_write_parts_keep_the_bits(parts, monkeypatch):
     monkeypatch.setattr(norm, "write_tiles", lambda rows, cfg, n: 1)  # a program per row
 
     def run(p):
-        monkeypatch.setattr(norm, "_write_parts", lambda rows, cfg, n: chosen.append(p) or p)
+        monkeypatch.setattr(norm, "_write_parts", lambda rows, cfg, n, dt: chosen.append(p) or p)
         return (bi_jax.layer_norm(x, w, b, implementation="pallas"),
                 bi_jax.layer_norm(x, implementation="pallas"))
 
@@ -275,16 +275,18 @@ def test_layer_norm_write_parts_keep_the_bits(parts, monkeypatch):
 
 
 def test_write_parts_policy():
-    """Pieces only where they save a wave: one-block rows of 8192, 3-4 programs per SM of rows."""
+    """Pieces only where they save a wave: one-block 2-byte rows of 8192, 3-4 programs per SM."""
     import sys
 
     norm = sys.modules["bi_jax.norm"]
     sms = be.sm_count()
-    cfg = row_config(8192, jnp.bfloat16)
-    assert [norm._write_parts(r, cfg, 8192) for r in (3 * sms, 3 * sms + 1, 4 * sms, 4 * sms + 1)] \
-        == [1, 4, 4, 1]
+    for dtype in (jnp.bfloat16, jnp.float16):
+        cfg = row_config(8192, dtype)
+        assert [norm._write_parts(r, cfg, 8192, dtype)
+                for r in (3 * sms, 3 * sms + 1, 4 * sms, 4 * sms + 1)] == [1, 4, 4, 1]
+    assert norm._write_parts(4 * sms, row_config(8192, jnp.float32), 8192, jnp.float32) == 1
     for n in (4096, 16384, 20480):
-        assert norm._write_parts(4 * sms, row_config(n, jnp.bfloat16), n) == 1
+        assert norm._write_parts(4 * sms, row_config(n, jnp.bfloat16), n, jnp.bfloat16) == 1
 
 
 # ----------------------------------------------------------------------------------- invariance
@@ -425,7 +427,8 @@ def test_layer_norm_write_parts_lower_for_cuda():
     import sys
 
     rows = 4 * be.sm_count()
-    assert sys.modules["bi_jax.norm"]._write_parts(rows, row_config(8192, jnp.bfloat16), 8192) == 4
+    policy = sys.modules["bi_jax.norm"]._write_parts
+    assert policy(rows, row_config(8192, jnp.bfloat16), 8192, jnp.bfloat16) == 4
     x = jax.ShapeDtypeStruct((rows, 8192), jnp.bfloat16)
     v = jax.ShapeDtypeStruct((8192,), jnp.bfloat16)
     exported = be.export_for_cuda(
