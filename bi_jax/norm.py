@@ -25,8 +25,9 @@ Invariance:
   other rows and their number. The residual add happens in the same program that normalises the row.
   At up to 64 one-block rows, 2-8 programs per row (``reductions.write_tiles``, chosen from the row
   count: a launch choice) each run that same whole-row reduction and write one column tile;
-  at 397-528 rows of 8192 bf16/fp16 columns (on 132 SMs) a layer_norm program writes its row in
-  4 reloaded pieces (``_write_parts``, also a launch choice: the same elementwise arithmetic).
+  where a layer_norm program's registers would cost a second wave (bf16/fp16, e.g. 397-528 rows
+  of 8192 columns on 132 SMs) it writes its row in reloaded pieces (``_write_parts``, also a
+  launch choice: the same elementwise arithmetic).
   The reference path reduces with ``reductions.fixed_order_reduce`` (sequential chunks, fixed
   pairwise tree, elementwise only) and computes the per-row statistics lane-aligned
   (``reductions.row_map``; the product with the weight is rounded before the bias add): invariant
@@ -215,23 +216,41 @@ def _rms_norm_pallas(x2, weight, residual2, *, eps, config):
     )
 
 
+_SM_REGISTERS, _SM_THREADS = 65536, 2048  # per SM, sm_80 and sm_90
+# Registers per thread of the one-block layer_norm kernel (16 elements of the row per thread), as
+# allocated (in steps of 8): whole, and writing its row in pieces. ncu, H100, 2026-11-25: 39 and 32
+# at blocks of 2048, 4096 and 8192 columns (4, 8 and 16 warps).
+_WHOLE_REGS, _PIECES_REGS = 40, 32
+
+
 def _write_parts(rows: int, config: RowConfig, n: int, dtype: Any) -> int:
     """Pieces a one-program-per-row layer_norm writes its row in (no numerics: the launch only).
 
-    One block of 8192 bf16/fp16 columns in 16 warps holds the row and its centred copy in
-    registers: 39 per thread (ncu, H100, 2026-11-25), so 3 programs fit on an SM, and 3-4
-    programs per SM of rows take two waves where 4 per SM would take one. Writing the row in 4
-    pieces, each reloaded (from L1/L2: just read) and centred again with the same ``mu``, needs 32
-    registers: 4 programs per SM, one wave. Probe (H100, bf16): 0.91-0.99 of the one-piece time
-    at 400-528 rows, but 1.04 at 397 rows and 1.03-1.24 at 128-384 and 640-8192 rows, where the
-    reload saves no wave; fp16 0.89-0.98 at 400-528 rows; fp32 (51 registers, bandwidth-bound)
-    1.01-1.04. So: 2-byte dtypes, more than 3 and at most 4 rows per SM.
+    Holding the row and its centred copy, the kernel needs ``_WHOLE_REGS`` registers per thread:
+    3 / 6 / 12 programs of 16 / 8 / 4 warps fit on an SM, where the thread limit allows 4 / 8 / 16.
+    Rows between the two counts (times the SMs) take two waves where they could take one. Writing
+    the row in pieces, each reloaded (from L1/L2: just read) and centred again with the same
+    ``mu``, needs ``_PIECES_REGS``: one wave. The reload costs wherever it saves no wave, so the
+    pieces are used only there, and only for 2-byte dtypes (fp32 rows of 8192: 51 registers,
+    bandwidth-bound, 1.01-1.04x slower with pieces). Probe (H100, bf16, time with pieces / whole):
+
+    - 8192 columns, 4 pieces: 0.91-0.99 at 400-528 rows (1.04 at 397); 1.03-1.24 at 128-384 and
+      640-8192 rows. fp16: 0.89-0.98.
+    - 4096 columns, 2 pieces: 0.90-0.93 at 800-1056 rows (4 pieces 0.93-0.94).
+    - 2048 columns, 2 pieces: 0.88-0.91 at 1600-2112 rows (4 pieces 0.93-0.95).
     """
-    if (config.block != 8192 or config.block_rows > 1 or n > config.block
+    if (not 2048 <= config.block <= 8192 or config.block_rows > 1 or n > config.block
             or jnp.dtype(dtype).itemsize != 2):
         return 1
+    threads = 32 * config.num_warps
+
+    def programs_per_sm(regs):
+        return min(_SM_THREADS // threads, _SM_REGISTERS // (regs * threads))
+
     sms = be.sm_count()
-    return 4 if 3 * sms < rows <= 4 * sms else 1
+    if programs_per_sm(_WHOLE_REGS) * sms < rows <= programs_per_sm(_PIECES_REGS) * sms:
+        return 4 if config.num_warps == 16 else 2
+    return 1
 
 
 def _layer_norm_pallas(x2, weight, bias, *, eps, config):

@@ -275,17 +275,20 @@ def test_layer_norm_write_parts_keep_the_bits(parts, monkeypatch):
 
 
 def test_write_parts_policy():
-    """Pieces only where they save a wave: one-block 2-byte rows of 8192, 3-4 programs per SM."""
+    """Pieces only where they save a wave: one-block 2-byte rows of 2048-8192 columns, between
+    the programs per SM that fit with and without them."""
     import sys
 
     norm = sys.modules["bi_jax.norm"]
     sms = be.sm_count()
-    for dtype in (jnp.bfloat16, jnp.float16):
-        cfg = row_config(8192, dtype)
-        assert [norm._write_parts(r, cfg, 8192, dtype)
-                for r in (3 * sms, 3 * sms + 1, 4 * sms, 4 * sms + 1)] == [1, 4, 4, 1]
-    assert norm._write_parts(4 * sms, row_config(8192, jnp.float32), 8192, jnp.float32) == 1
-    for n in (4096, 16384, 20480):
+    for n, lo, hi, parts in ((8192, 3, 4, 4), (4096, 6, 8, 2), (2048, 12, 16, 2)):
+        for dtype in (jnp.bfloat16, jnp.float16):
+            cfg = row_config(n, dtype)
+            got = [norm._write_parts(r, cfg, n, dtype)
+                   for r in (lo * sms, lo * sms + 1, hi * sms, hi * sms + 1)]
+            assert got == [1, parts, parts, 1], (n, dtype, got)
+        assert norm._write_parts(hi * sms, row_config(n, jnp.float32), n, jnp.float32) == 1
+    for n in (1024, 16384, 20480):
         assert norm._write_parts(4 * sms, row_config(n, jnp.bfloat16), n, jnp.bfloat16) == 1
 
 
@@ -423,17 +426,18 @@ def test_every_config_lowers_for_cuda(dtype):
 
 
 def test_layer_norm_write_parts_lower_for_cuda():
-    """The pieces path (``_write_parts``: 4 x SMs rows of 8192) lowers for CUDA."""
+    """The pieces path (``_write_parts``: 2 or 4 pieces at the top of its row window) lowers."""
     import sys
 
-    rows = 4 * be.sm_count()
     policy = sys.modules["bi_jax.norm"]._write_parts
-    assert policy(rows, row_config(8192, jnp.bfloat16), 8192, jnp.bfloat16) == 4
-    x = jax.ShapeDtypeStruct((rows, 8192), jnp.bfloat16)
-    v = jax.ShapeDtypeStruct((8192,), jnp.bfloat16)
-    exported = be.export_for_cuda(
-        lambda a, w: bi_jax.layer_norm(a, w, w, implementation="pallas"), x, v)
-    assert be.triton_kernel_count(exported) == 1
+    for n, per_sm, parts in ((8192, 4, 4), (4096, 8, 2)):
+        rows = per_sm * be.sm_count()
+        assert policy(rows, row_config(n, jnp.bfloat16), n, jnp.bfloat16) == parts
+        x = jax.ShapeDtypeStruct((rows, n), jnp.bfloat16)
+        v = jax.ShapeDtypeStruct((n,), jnp.bfloat16)
+        exported = be.export_for_cuda(
+            lambda a, w: bi_jax.layer_norm(a, w, w, implementation="pallas"), x, v)
+        assert be.triton_kernel_count(exported) == 1
 
 
 def test_grad_lowers_for_cuda():
@@ -450,11 +454,11 @@ def test_grad_lowers_for_cuda():
 
 # --------------------------------------------------------------------------------- GPU only
 
-GPU_ROWS = (1, 2, 3, 7, 16, 33, 128, 255, 300, 512, 1000, 4095)
+GPU_ROWS = (1, 2, 3, 7, 16, 33, 128, 255, 300, 512, 1000, 2000, 4095)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n,dtype", [(128, jnp.bfloat16), (4096, jnp.bfloat16),
+@pytest.mark.parametrize("n,dtype", [(128, jnp.bfloat16), (2048, jnp.bfloat16), (4096, jnp.bfloat16),
                                      (8192, jnp.bfloat16), (8192, jnp.float32),
                                      (20480, jnp.bfloat16)])
 def test_gpu_invariant_over_rows(n, dtype):
