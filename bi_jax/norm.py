@@ -236,13 +236,13 @@ def _write_parts(rows: int, config: RowConfig, n: int, dtype: Any) -> int:
 
     - 8192 columns, 4 pieces: 0.91-0.99 at 400-528 rows (1.04 at 397); 1.03-1.24 at 128-384 and
       640-8192 rows. fp16: 0.89-0.98.
-    - 4096 columns, 2 pieces: 0.90-0.93 at 800-1056 rows (4 pieces 0.93-0.94).
-    - 2048 columns, 2 pieces: 0.88-0.91 at 1600-2112 rows (4 pieces 0.93-0.95).
+    - 4096 columns, 2 pieces: 0.89-0.93 at 800-1056 rows (4 pieces 0.91-0.94).
+    - 2048 columns, 2 pieces: 0.88-0.91 at 1600-2112 rows (4 pieces 0.95-0.96).
     """
-    if (not 2048 <= config.block <= 8192 or config.block_rows > 1 or n > config.block
-            or jnp.dtype(dtype).itemsize != 2):
-        return 1
     threads = 32 * config.num_warps
+    if (not 2048 <= config.block <= 8192 or config.block != 16 * threads  # as measured
+            or config.block_rows > 1 or n > config.block or jnp.dtype(dtype).itemsize != 2):
+        return 1
 
     def programs_per_sm(regs):
         return min(_SM_THREADS // threads, _SM_REGISTERS // (regs * threads))

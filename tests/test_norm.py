@@ -290,6 +290,9 @@ def test_write_parts_policy():
         assert norm._write_parts(hi * sms, row_config(n, jnp.float32), n, jnp.float32) == 1
     for n in (1024, 16384, 20480):
         assert norm._write_parts(4 * sms, row_config(n, jnp.bfloat16), n, jnp.bfloat16) == 1
+    # a config of the caller's with other warps (32 elements per thread): not what was measured
+    other = RowConfig(block=8192, block_rows=1, num_warps=8, num_stages=1)
+    assert norm._write_parts(7 * sms, other, 8192, jnp.bfloat16) == 1
 
 
 # ----------------------------------------------------------------------------------- invariance
