@@ -158,6 +158,8 @@ def _layer_norm_kernel(*refs, rows, n, block_rows, block, eps, has_weight, has_b
         if w_ref is not None:
             y = y * load_vector(w_ref, c0, n=n, block=width)
         if b_ref is not None:
+            if be.interpret_mode():  # round y before the add: XLA:CPU may fuse it into an FMA in
+                y = lax.optimization_barrier(y)  # some programs' code and not in others'
             y = y + load_vector(b_ref, c0, n=n, block=width)
         store_tile(o_ref, r0, c0, y, mask, block_rows=block_rows, block=width)
 
@@ -263,8 +265,7 @@ def _layer_norm_pallas(x2, weight, bias, *, eps, config):
     return launch_rows(
         _layer_norm_kernel, operands, jax.ShapeDtypeStruct(x2.shape, x2.dtype), rows=rows,
         config=cfg, name="bi_jax_layer_norm", tiles=tiles, n=n, eps=float(eps),
-        has_weight=weight is not None, has_bias=bias is not None,
-        **({"parts": parts} if parts > 1 else {}),
+        has_weight=weight is not None, has_bias=bias is not None, parts=parts,
     )
 
 
