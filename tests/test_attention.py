@@ -30,6 +30,7 @@ from bi_jax.attention import (
     shipped_configs,
 )
 
+am = sys.modules["bi_jax.attention"]  # the module (bi_jax.attention is the function)
 IMPLS = ("pallas", "reference")
 # Small blocks so that a few dozen tokens cross several blocks and splits.
 CFG = AttentionConfig(block_q=16, block_k=16, split_size=32)
@@ -466,6 +467,24 @@ def test_mosaic_decode_step_launches_nothing_but_its_kernels():
         assert (be.mosaic_kernel_count(exported), be.triton_kernel_count(exported)) == (1, 1)
 
 
+@pytest.mark.parametrize("b,s,split", [(1, 1024, True), (1, 32768, True), (8, 16384, True),
+                                         (9, 4096, True), (17, 4096, True), (16, 1024, False),
+                                         (16, 16384, False), (31, 4096, False),
+                                         (256, 32768, False), (8, 512, False)])
+def test_mosaic_decode_folds_where_its_items_fill_the_sms(b, s, split):
+    """split_kv=None on Hopper (132 SMs): decode (32/8 heads) folds in one CTA per (batch row, KV
+    head) where those items keep 90% of the SMs busy, else splits the cache over the SMs; one
+    split is always folded. Launch only: either way the bits are the same (GPU tests)."""
+    assert am._split_pays(b * 8, -(-s // am._mosaic_config().split_size)) is split
+    sd = jax.ShapeDtypeStruct
+    kv = sd((b, s, 8, 128), jnp.bfloat16)
+    exported = be.export_for_cuda(
+        lambda q, k, v, n: decode_attention(q, k, v, n, implementation="pallas",
+                                            config=am._mosaic_config()),
+        sd((b, 1, 32, 128), jnp.bfloat16), kv, kv, sd((b,), jnp.int32))
+    assert (be.mosaic_kernel_count(exported), be.triton_kernel_count(exported)) == (1, int(split))
+
+
 @pytest.mark.parametrize("ctas", [None, 3, 1], ids=["one item per CTA", "3 CTAs", "1 CTA"])
 def test_mosaic_kernel_keeps_the_contract_in_interpret_mode(ctas, monkeypatch):
     """The Mosaic GPU kernel (GPU interpret mode on the CPU): a full prefill, chunks (packed and
@@ -506,7 +525,7 @@ def test_mosaic_kernel_has_no_data_races(ctas, monkeypatch):
         full = np.asarray(attention(q, k, v, implementation="pallas", config=cfg))
         assert not races_found(), "prefill"
         out = decode_attention(q[:, 290:291], k, v, jnp.array([291]), implementation="pallas",
-                               config=cfg)
+                               config=dataclasses.replace(cfg, split_kv=True))
         assert not races_found(), "decode"
     testing.assert_bitwise_equal(np.asarray(out)[0], full[0, 290:291], what="decode vs prefill")
 
@@ -516,7 +535,6 @@ def test_mosaic_kernel_has_no_data_races(ctas, monkeypatch):
 def test_mosaic_schedule_runs_every_item_once_and_balances(b, t, hq, hkv, ctas):
     """The fold-mode work lists hold every item exactly once; for a causal prefill the busiest
     CTA's estimated work is within one item of the mean (the lists fill the CTA that frees first)."""
-    am = sys.modules["bi_jax.attention"]  # the module (bi_jax.attention is the function)
     cfg = am._mosaic_config()
     geo = am._MosaicGeometry(u=-(-t // 8) * 8, u_valid=t, h2=hq, group2=hq // hkv, r=1, group=1,
                              d=128, n_wg=2)
