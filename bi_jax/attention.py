@@ -980,7 +980,7 @@ def _split_pays(items: int, n_splits: int) -> bool:
     H100, decode 32/8 heads, D = 128 (2026-11-26, equal bits), time with fold / split mode:
     B = 16 (128 items) at 1k / 4k / 16k / 32k 1.01 / 0.96 / 0.92 / 0.93; B = 32 at 1k / 4k / 16k /
     32k 0.97 / 0.94 / 0.94 / 0.94; B = 64 at 1k / 4k / 16k 0.96 / 0.94 / 0.94; B = 128 and 256 at
-    1k and 4k 0.94-0.96. Split mode stays for B = 8 (64 items) at 1k / 4k / 16k: 1.09 / 1.03 /
+    1k and 4k 0.93-0.96. Split mode stays for B = 8 (64 items) at 1k / 4k / 16k: 1.09 / 1.03 /
     0.98, and for B = 1 (1k: 1.60)."""
     sms = be.sm_count()
     return n_splits > 1 and items < 0.9 * be.cdiv(items, sms) * sms
