@@ -49,9 +49,9 @@ Invariance:
   On Hopper (bf16/fp16, D = 64 or 128) the default config selects the Mosaic GPU kernel
   (``kernel="mosaic"``, block_k 128): the same two levels with its own instructions, in fold mode
   (the running total's accumulator in SMEM, beside the registers of a 128-key block) for every
-  geometry (token tiles or heads packed as rows: bit-neutral) and in split mode for
-  decode at small batches, whose partials the Triton combine folds with the Mosaic kernel's ``exp2``; prefill,
-  chunks and decode agree bitwise with each other, not with the Triton kernel. The kernel is
+  geometry (token tiles or heads packed as rows: bit-neutral) and in split mode for decode at
+  small batches, whose partials the Triton combine folds with the Mosaic kernel's ``exp2``;
+  prefill, chunks and decode agree bitwise with each other, not with the Triton kernel. The kernel is
   persistent (one CTA per SM walks a list of row tiles or splits); which CTA runs a tile never
   changes its arithmetic.
 """
@@ -114,10 +114,10 @@ class AttentionConfig:
         Their bits differ: compare calls of one kernel.
     Not part of the numerics:
       split_kv: None (auto: split the KV axis over the grid when one query tile covers all rows and
-        the context is longer than one split; for the Mosaic kernel only while that runs fewer
-        splits per CTA than folding, ``_split_pays``), True (always: partials + combine kernel) or
-        False (never: every program folds its splits itself). Both strategies give identical
-        bits.
+        the context is longer than one split; for the Mosaic kernel only where one CTA per batch
+        row and KV head would leave more than 10% of the SMs idle, ``_split_pays``), True
+        (always: partials + combine kernel) or False (never: every program folds its splits
+        itself). Both strategies give identical bits.
       combine_num_warps: warps of the combine kernel (elementwise only).
     """
 

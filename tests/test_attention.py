@@ -222,10 +222,9 @@ def test_decode_batch_invariant_any_capacity(impl):
 
 def test_prefill_launch_order_is_bit_neutral(monkeypatch):
     """Head-major and token-major grids of the prefill kernel (picked from the K/V size) agree."""
-    module = sys.modules["bi_jax.attention"]  # the module (bi_jax.attention is the function)
     q, k, v = qkv(2, 70, 90, 4, 2, 64, CONTRACT_DTYPE)
     head_major = np.asarray(jit_attention("pallas")(q, k, v))
-    monkeypatch.setattr(module, "_TOKEN_MAJOR_KV_BYTES", 0)
+    monkeypatch.setattr(am, "_TOKEN_MAJOR_KV_BYTES", 0)
     f = jit_attention("pallas")
     testing.assert_bitwise_equal(f(q, k, v), head_major, what="token-major grid")
     assert be.triton_kernel_count(be.export_for_cuda(f, q, k, v)) == 1
