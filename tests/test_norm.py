@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,8 @@ import bi_jax
 from bi_jax import _backend as be
 from bi_jax import testing
 from bi_jax.reductions import RowConfig, row_config, shipped_configs
+
+norm = sys.modules["bi_jax.norm"]  # the module (bi_jax.norm is the package's attribute)
 
 DTYPES = [jnp.bfloat16, jnp.float16, jnp.float32]
 INVARIANT_IMPLS = ["pallas", "reference"]
@@ -238,9 +241,6 @@ def test_nonfinite_rows_stay_local(impl, config):
 def test_write_tiles_keep_the_bits(tiles, monkeypatch):
     """Few rows: programs that each write a column tile (``write_tiles``) give the bits of one
     program per row, for both norms and the fused residual (ragged row, ragged last tile)."""
-    import sys
-
-    norm = sys.modules["bi_jax.norm"]  # the module (bi_jax.norm is not re-exported as one)
     x, r, w, b = _inputs(3, 4000, jnp.bfloat16)
 
     def run(t):
@@ -257,9 +257,6 @@ def test_layer_norm_write_parts_keep_the_bits(parts, monkeypatch):
     """A layer_norm program that writes its row in reloaded pieces (``_write_parts``) gives the
     bits of one that writes it whole (ragged row: the last piece is masked; with and without the
     affine vectors)."""
-    import sys
-
-    norm = sys.modules["bi_jax.norm"]
     x, _, w, b = _inputs(5, 8000, jnp.bfloat16)
     chosen = []
 
@@ -277,9 +274,6 @@ def test_layer_norm_write_parts_keep_the_bits(parts, monkeypatch):
 def test_write_parts_policy():
     """Pieces only where they save a wave: one-block 2-byte rows of 2048-8192 columns, between
     the programs per SM that fit with and without them."""
-    import sys
-
-    norm = sys.modules["bi_jax.norm"]
     sms = be.sm_count()
     for n, lo, hi, parts in ((8192, 3, 4, 4), (4096, 6, 8, 2), (2048, 12, 16, 2)):
         for dtype in (jnp.bfloat16, jnp.float16):
@@ -430,9 +424,7 @@ def test_every_config_lowers_for_cuda(dtype):
 
 def test_layer_norm_write_parts_lower_for_cuda():
     """The pieces path (``_write_parts``: 2 or 4 pieces at the top of its row window) lowers."""
-    import sys
-
-    policy = sys.modules["bi_jax.norm"]._write_parts
+    policy = norm._write_parts
     for n, per_sm, parts in ((8192, 4, 4), (4096, 8, 2)):
         rows = per_sm * be.sm_count()
         assert policy(rows, row_config(n, jnp.bfloat16), n, jnp.bfloat16) == parts
