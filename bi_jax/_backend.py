@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
+from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as mgpu
 from jax.experimental.pallas import triton as plt
@@ -99,6 +100,18 @@ def interpret_mode() -> bool:
     if _FORCE_COMPILE:
         return False
     return os.environ.get("BI_JAX_INTERPRET", "") == "1" or not has_gpu()
+
+
+def interpret_pin(x):
+    """``x`` materialised in interpret mode (an optimization barrier); ``x`` itself on the GPU.
+
+    In interpret mode a kernel body is compiled by XLA:CPU, which fuses an expression with its
+    neighbours differently in different programs (an elementwise product into the reduction that
+    reads it, a multiply and an add into an FMA, a bf16 round trip dropped): launch choices that
+    change only which values a program reuses (``write_tiles``, ``_write_parts``) then move a bit
+    or two. A barrier makes ``x`` exist as computed. On the GPU ``x`` is returned unchanged, so the
+    compiled kernels are exactly as written."""
+    return lax.optimization_barrier(x) if interpret_mode() else x
 
 
 def resolve_implementation(implementation: str | None, op: str) -> str:

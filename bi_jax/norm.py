@@ -93,8 +93,7 @@ def _rms_norm_kernel(*refs, rows, n, block_rows, block, eps, has_weight, has_res
         if r_ref is not None:
             x = (x.astype(_F32) + tile(r_ref, c0=c0, block=width)[0].astype(_F32)).astype(
                 x_ref.dtype)
-            if be.interpret_mode():  # keep the rounding: XLA:CPU may drop a bf16 round trip
-                x = lax.optimization_barrier(x)  # (excess precision) where s is not stored
+            x = be.interpret_pin(x)  # XLA:CPU may drop the bf16 round trip where s is not stored
             if write_sum:
                 store_tile(s_ref, r0, c0, x, mask, block_rows=block_rows, block=width)
         return x.astype(_F32), mask
@@ -107,7 +106,8 @@ def _rms_norm_kernel(*refs, rows, n, block_rows, block, eps, has_weight, has_res
 
     if num_blocks == 1:  # the row in registers: read once
         x, mask = load_row(0, write_sum=tiles == 1)
-        rstd = lax.rsqrt(jnp.sum(x * x, axis=1, keepdims=True) / n + eps)  # [block_rows, 1]
+        sq = be.interpret_pin(x * x)  # XLA:CPU fuses the product into the sum differently
+        rstd = lax.rsqrt(jnp.sum(sq, axis=1, keepdims=True) / n + eps)  # [block_rows, 1]
         if tiles == 1:
             write(0, x, rstd, mask)
         else:  # this program's columns only, reloaded: the same elementwise arithmetic
@@ -158,16 +158,14 @@ def _layer_norm_kernel(*refs, rows, n, block_rows, block, eps, has_weight, has_b
         if w_ref is not None:
             y = y * load_vector(w_ref, c0, n=n, block=width)
         if b_ref is not None:
-            if be.interpret_mode():  # round y before the add: XLA:CPU may fuse it into an FMA in
-                y = lax.optimization_barrier(y)  # some programs' code and not in others'
-            y = y + load_vector(b_ref, c0, n=n, block=width)
+            y = be.interpret_pin(y) + load_vector(b_ref, c0, n=n, block=width)  # no FMA on the CPU
         store_tile(o_ref, r0, c0, y, mask, block_rows=block_rows, block=width)
 
     if num_blocks == 1:  # the row in registers: read once, two-pass statistics from registers
         x, mask = load_row(0)
         mu = jnp.sum(x, axis=1, keepdims=True) / n  # [block_rows, 1]
         d = jnp.where(mask, x - mu, 0.0)
-        rstd = lax.rsqrt(jnp.sum(d * d, axis=1, keepdims=True) / n + eps)
+        rstd = lax.rsqrt(jnp.sum(be.interpret_pin(d * d), axis=1, keepdims=True) / n + eps)
         if tiles * parts == 1:
             write(0, d, rstd, mask)
             return
