@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as mgpu
@@ -203,6 +204,45 @@ def mosaic_kernel(body: Callable[..., None], *, out_type: Any, grid: tuple[int, 
         compiler_params=mgpu.CompilerParams(approx_math=True),
         interpret=interpret,
     )
+
+
+def wgmma(acc_ref, a_ref, b_ref, *, transpose_b: bool = False) -> Callable[[], jax.Array]:
+    """Issue ``acc += a @ b`` in a Mosaic GPU kernel; returns a function that reads the result.
+
+    SMEM refs ``a [M, K]`` and ``b [K, N]`` (``[N, K]`` with ``transpose_b``) of a 16-bit dtype;
+    ``acc_ref [M, N]`` an fp32 ``plgpu.ACC``. On the GPU this is ``plgpu.wgmma`` (asynchronous:
+    the returned function reads ``acc_ref``, which waits for it). In interpret mode the product
+    is ``ordered_dot`` (jax's GPU interpreter runs a wgmma as a host BLAS call; see there) and the
+    accumulator ref is only read (the interpreter cannot store a value into one).
+    """
+    if not interpret_mode():
+        mgpu.wgmma(acc_ref, a_ref, b_ref.transpose((1, 0)) if transpose_b else b_ref)
+        return lambda: acc_ref[...]
+    b = b_ref[...]
+    out = ordered_dot(a_ref[...], b.T if transpose_b else b, acc_ref[...])
+    return lambda: out
+
+
+def ordered_dot(a: jax.Array, b: jax.Array, acc: jax.Array) -> jax.Array:
+    """Interpret mode's ``acc + a @ b``: ``a [M, K]``, ``b [K, N]`` 16-bit, ``acc [M, N]`` fp32.
+
+    jax's GPU interpreter runs a wgmma as a host BLAS call, whose sums depend on where a row sits
+    in the tile on some CPUs (seen on an AVX2 AMD EPYC with OpenBLAS 0.3.34: the rows of
+    ``a[perm] @ b`` are not the permuted rows of ``a @ b``). A kernel that puts a row in another
+    slot of its tile (attention's packed rows, decode step against full prefill) would look
+    batch-variant in interpret mode on some machines. Here each product is exact in fp32 (16-bit
+    inputs) and they are added to ``acc`` for ``k = 0, 1, ...`` in order, elementwise only: the
+    same for every row on every host. Interpret mode checks a kernel's logic, not the tensor
+    cores' bits.
+    """
+    if a.dtype.itemsize != 2 or b.dtype.itemsize != 2:
+        raise NotImplementedError(f"ordered_dot: 16-bit operands only, got {a.dtype} and {b.dtype}")
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+
+    def add_k(k, total):  # [M, 1] * [1, N]: exact products
+        return total + lax.dynamic_slice_in_dim(a, k, 1, 1) * lax.dynamic_slice_in_dim(b, k, 1, 0)
+
+    return lax.fori_loop(0, a.shape[1], add_k, acc)
 
 
 # An H100 as seen by the exporter: jax 0.11 lowers Pallas for CUDA on a CPU-only machine when the

@@ -706,7 +706,7 @@ def _mosaic_kernel(meta, sched_ref, q_ref, k_ref, v_ref, out_refs, scratch, *,
                                               causal=causal)[2]) for w in range(geo.n_wg)]
         return ranges[0][0], functools.reduce(jnp.maximum, [r[1] for r in ranges])
 
-    (q_smem2, k_smem, v_smem, tot_smem2, ml_smem, p_smem2, k_bar, v_bar, q_bar, q_free, k_free,
+    (q_smem2, k_smem, v_smem, tot_smem2, ml_smem, k_bar, v_bar, q_bar, q_free, k_free,
      v_free, turn) = scratch
     if n_splits:
         out_smem2 = None
@@ -757,10 +757,10 @@ def _mosaic_kernel(meta, sched_ref, q_ref, k_ref, v_ref, out_refs, scratch, *,
                 plgpu.barrier_wait(k_bar.at[slot])
 
                 def qk(acc_ref):
-                    plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+                    scores = be.wgmma(acc_ref, q_smem, k_smem.at[slot], transpose_b=True)
                     take_turn()
                     if n_splits:
-                        return acc_ref[...], part, big
+                        return scores(), part, big
                     # fold mode: at the first block of split j > 0, split j - 1 joins the total
                     # while the tensor cores run this block's q k^T
                     new_split = (lax.rem(i, i32(per_split)) == 0) & (i > 0)
@@ -768,7 +768,7 @@ def _mosaic_kernel(meta, sched_ref, q_ref, k_ref, v_ref, out_refs, scratch, *,
                         new_split,
                         lambda: (fresh(), fold(part, big, lax.div(i, i32(per_split)) - 1)),
                         lambda: (part, big))
-                    return acc_ref[...], part2, big2
+                    return scores(), part2, big2
 
                 s, (m, l, acc), big = be.run_scoped(qk, plgpu.ACC((_WG_ROWS, bk), jnp.float32))
                 plgpu.barrier_arrive(k_free.at[slot])
@@ -799,8 +799,7 @@ def _mosaic_kernel(meta, sched_ref, q_ref, k_ref, v_ref, out_refs, scratch, *,
                     v_blk[...] = jnp.where(i * bk + key < kv_len, vals, jnp.zeros_like(vals))
                     plgpu.commit_smem()
 
-                acc = _mosaic_pv(acc, p16, v_smem.at[slot],
-                                 None if p_smem2 is None else p_smem2.at[wg])
+                acc = _mosaic_pv(acc, p16, v_smem.at[slot])
                 plgpu.barrier_arrive(v_free.at[slot])
                 return (m_new, l_new, acc), big
 
@@ -918,24 +917,13 @@ def _mosaic_kernel(meta, sched_ref, q_ref, k_ref, v_ref, out_refs, scratch, *,
             plgpu.barrier_wait(v_free.at[slot])
 
 
-def _mosaic_pv(acc, p16, v_smem, p_smem):
-    """``acc + p16 @ v`` with the sum inside the wgmma accumulator (``p_smem`` None).
-
-    jax 0.11's GPU interpret mode (CPU) has neither a register A operand nor a pre-initialised
-    accumulator: there (``p_smem`` given) ``p16`` goes through SMEM and the product is added to
-    ``acc`` afterwards (the same sum; interpret mode checks the logic, not the GPU's bits).
-    """
-    plgpu = be.mgpu
-    if p_smem is None:
-        return be.run_state(lambda r: plgpu.wgmma(r, p16, v_smem))(plgpu.ACC.init(acc))
-    p_smem[...] = p16
-    plgpu.commit_smem()
-
-    def pv(r):
-        plgpu.wgmma(r, p_smem, v_smem)
-        return r[...]
-
-    return acc + be.run_scoped(pv, plgpu.ACC(acc.shape, jnp.float32))
+def _mosaic_pv(acc, p16, v_smem):
+    """``acc + p16 @ v`` with the sum inside the wgmma accumulator (``be.ordered_dot`` in
+    interpret mode, whose GPU interpreter has neither a register A operand nor a pre-initialised
+    accumulator)."""
+    if be.interpret_mode():
+        return be.ordered_dot(p16, v_smem[...], acc)
+    return be.run_state(lambda r: be.mgpu.wgmma(r, p16, v_smem))(be.mgpu.ACC.init(acc))
 
 
 def _mosaic_schedule(geo: _MosaicGeometry, *, nb: int, n_cta: int, causal: bool, tq: int, tk: int,
@@ -1037,7 +1025,6 @@ def _attend_mosaic(q, k, v, lengths, *, lens, causal, c, cfg):
         be.mgpu.SMEM((st, bk, d), dt, transforms=tr),  # v
         tot if split else be.mgpu.RefUnion(tot, out) if union else (tot, out),
         be.mgpu.SMEM((2, _WG_ROWS), jnp.float32) if split else None,  # partial m, l
-        be.mgpu.SMEM((n_wg, _WG_ROWS, bk), dt, transforms=tr) if be.interpret_mode() else None,
         be.mgpu.Barrier(num_barriers=st),  # k loaded
         be.mgpu.Barrier(num_barriers=st),  # v loaded
         be.mgpu.Barrier(num_barriers=n_wg),  # q loaded
