@@ -218,9 +218,21 @@ def wgmma(acc_ref, a_ref, b_ref, *, transpose_b: bool = False) -> Callable[[], j
     if not interpret_mode():
         mgpu.wgmma(acc_ref, a_ref, b_ref.transpose((1, 0)) if transpose_b else b_ref)
         return lambda: acc_ref[...]
-    b = b_ref[...]
-    out = ordered_dot(a_ref[...], b.T if transpose_b else b, acc_ref[...])
+    b = wgmma_operand(b_ref)
+    out = ordered_dot(wgmma_operand(a_ref), b.T if transpose_b else b, acc_ref[...])
     return lambda: out
+
+
+def wgmma_operand(ref) -> jax.Array:
+    """Interpret mode: the SMEM operand ``ref`` of a product, read as the tensor cores read it.
+
+    A wgmma reads SMEM through the async proxy, which a TMA write into the same slot after the
+    slot's release barrier is ordered with. A plain load is a generic-proxy read; jax's race
+    detector (rightly) orders it with a later TMA write only after a proxy fence, so the read is
+    followed by ``commit_smem`` (that fence)."""
+    value = ref[...]
+    mgpu.commit_smem()
+    return value
 
 
 def ordered_dot(a: jax.Array, b: jax.Array, acc: jax.Array) -> jax.Array:

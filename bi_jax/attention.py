@@ -922,7 +922,7 @@ def _mosaic_pv(acc, p16, v_smem):
     interpret mode, whose GPU interpreter has neither a register A operand nor a pre-initialised
     accumulator)."""
     if be.interpret_mode():
-        return be.ordered_dot(p16, v_smem[...], acc)
+        return be.ordered_dot(p16, be.wgmma_operand(v_smem), acc)
     return be.run_state(lambda r: be.mgpu.wgmma(r, p16, v_smem))(be.mgpu.ACC.init(acc))
 
 
