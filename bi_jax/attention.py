@@ -918,8 +918,8 @@ def _mosaic_kernel(meta, sched_ref, q_ref, k_ref, v_ref, out_refs, scratch, *,
 
 
 def _mosaic_pv(acc, p16, v_smem):
-    """``acc + p16 @ v`` with the sum inside the wgmma accumulator (``be.ordered_dot`` in
-    interpret mode, whose GPU interpreter has neither a register A operand nor a pre-initialised
+    """``acc + p16 @ v`` with the sum inside the wgmma accumulator; ``be.ordered_dot`` in
+    interpret mode (jax's GPU interpreter has neither a register A operand nor a pre-initialised
     accumulator)."""
     if be.interpret_mode():
         return be.ordered_dot(p16, be.wgmma_operand(v_smem), acc)

@@ -107,7 +107,7 @@ def _rms_norm_kernel(*refs, rows, n, block_rows, block, eps, has_weight, has_res
     if num_blocks == 1:  # the row in registers: read once
         x, mask = load_row(0, write_sum=tiles == 1)
         sq = be.interpret_pin(x * x)  # XLA:CPU fuses the product into the sum differently
-        rstd = be.interpret_pin(lax.rsqrt(jnp.sum(sq, axis=1, keepdims=True) / n + eps))  # [block_rows, 1]
+        rstd = be.interpret_pin(lax.rsqrt(jnp.sum(sq, axis=1, keepdims=True) / n + eps))  # [rows, 1]
         if tiles == 1:
             write(0, x, rstd, mask)
         else:  # this program's columns only, reloaded: the same elementwise arithmetic
@@ -167,8 +167,8 @@ def _layer_norm_kernel(*refs, rows, n, block_rows, block, eps, has_weight, has_b
         # into the elementwise loops that use them, vectorised differently per program
         mu = be.interpret_pin(jnp.sum(x, axis=1, keepdims=True) / n)  # [block_rows, 1]
         d = jnp.where(mask, x - mu, 0.0)
-        rstd = lax.rsqrt(jnp.sum(be.interpret_pin(d * d), axis=1, keepdims=True) / n + eps)
-        rstd = be.interpret_pin(rstd)
+        rstd = be.interpret_pin(
+            lax.rsqrt(jnp.sum(be.interpret_pin(d * d), axis=1, keepdims=True) / n + eps))
         if tiles * parts == 1:
             write(0, d, rstd, mask)
             return
