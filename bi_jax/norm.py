@@ -11,8 +11,10 @@ Dtypes: bfloat16, float16 and float32 inputs, weights and biases (mixed freely);
 whole affine transform in fp32, the output rounded once to x's dtype:
 ``rms_norm = x * rsqrt(mean(x^2) + eps) * weight`` and
 ``layer_norm = (x - mean) * rsqrt(var + eps) * weight + bias`` with the biased variance
-``mean((x - mean)^2)`` of the centred row. The fused residual sum ``s`` is rounded to x's dtype and
-the norm is computed from the rounded ``s``, so both outputs agree bit for bit with
+``mean((x - mean)^2)`` of the centred row (16-bit rows of one block: the same statistics from one
+reduction of the row shifted by its first element, ``_shifted_stats``). The fused residual sum
+``s`` is rounded to x's dtype and the norm is computed from the rounded ``s``, so both outputs
+agree bit for bit with
 ``s = (x + residual).astype(x.dtype); rms_norm(s)`` computed unfused by the same implementation.
 
 Invariance:
@@ -132,6 +134,33 @@ def _rms_norm_kernel(*refs, rows, n, block_rows, block, eps, has_weight, has_res
     lax.fori_loop(0, num_blocks, normalize, 0)
 
 
+def _shifted_stats(x, mask, first, *, n, eps):
+    """Mean and rstd of one-block rows from one block-wide reduction: ``x [rows, block]`` fp32
+    (masked columns are ignored), ``first [rows, 1]`` each row's first element -> ``[rows, 1]``.
+
+    With ``e = x - first``, the sums of ``e`` and ``e * e`` go through one two-operand reduction
+    (a stack along a minor axis of two), so the cross-warp step and its barriers run once instead
+    of twice: ``mean = first + sum(e) / n``, ``var = max(sum(e^2) / n - (sum(e) / n)^2, 0)``.
+    H100 probe, 8192 bf16 columns, 2026-12-07: 1.66 / 2.21 / 2.78 us at 2 / 16 / 64 rows against
+    1.79 / 2.46 / 2.94 us for the mean and then the centred squares (5-10% less up to 128 rows,
+    under 1% from 1024 rows, where the read dominates); two separate sums in one program were
+    slower than both from 1024 rows. Shifting by a row element bounds the cancellation:
+    ``(mean - first)^2 <= (n - 1) var`` for any element (Samuelson). Near the worst case, a row
+    whose first element is a spike of ~3000 deviations, the largest output of an fp16 row was off
+    by 0.66 ULP (two-pass statistics: 0.35), and every output stays within one ULP of its row's
+    largest (``test_layer_norm_one_pass_statistics_near_their_worst``); without the shift an
+    offset mean alone breaks that. fp32 rows keep the two-pass statistics. Deterministic and
+    row-local, hence as invariant as the two-pass form.
+    """
+    e = jnp.where(mask, x - first, 0.0)
+    sums = jnp.sum(be.interpret_pin(jnp.stack([e, e * e], axis=-1)), axis=1)  # [rows, 2]
+    s1, s2 = (s[:, None] for s in jnp.unstack(sums, axis=-1))
+    m1 = s1 / n
+    mu = be.interpret_pin(first + m1)
+    rstd = be.interpret_pin(lax.rsqrt(jnp.maximum(s2 / n - m1 * m1, 0.0) + eps))
+    return mu, rstd
+
+
 def _layer_norm_kernel(*refs, rows, n, block_rows, block, eps, has_weight, has_bias, tiles=1,
                       parts=1):
     """``block_rows`` rows: x ``[rows, n]``, [weight, bias ``[n]``] -> out ``[rows, n]``.
@@ -161,14 +190,18 @@ def _layer_norm_kernel(*refs, rows, n, block_rows, block, eps, has_weight, has_b
             y = be.interpret_pin(y) + load_vector(b_ref, c0, n=n, block=width)  # no FMA on the CPU
         store_tile(o_ref, r0, c0, y, mask, block_rows=block_rows, block=width)
 
-    if num_blocks == 1:  # the row in registers: read once, two-pass statistics from registers
+    if num_blocks == 1:  # the row in registers: read once
         x, mask = load_row(0)
         # the statistics materialised in interpret mode: XLA:CPU may fuse the divide and rsqrt
         # into the elementwise loops that use them, vectorised differently per program
-        mu = be.interpret_pin(jnp.sum(x, axis=1, keepdims=True) / n)  # [block_rows, 1]
-        d = jnp.where(mask, x - mu, 0.0)
-        rstd = be.interpret_pin(
-            lax.rsqrt(jnp.sum(be.interpret_pin(d * d), axis=1, keepdims=True) / n + eps))
+        if jnp.dtype(x_ref.dtype).itemsize == 2:  # one block-wide reduction (_shifted_stats)
+            mu, rstd = _shifted_stats(x, mask, tile(0, block=1)[0].astype(_F32), n=n, eps=eps)
+            d = jnp.where(mask, x - mu, 0.0)
+        else:  # two reductions in sequence: the mean, then the centred squares
+            mu = be.interpret_pin(jnp.sum(x, axis=1, keepdims=True) / n)  # [block_rows, 1]
+            d = jnp.where(mask, x - mu, 0.0)
+            rstd = be.interpret_pin(
+                lax.rsqrt(jnp.sum(be.interpret_pin(d * d), axis=1, keepdims=True) / n + eps))
         if tiles * parts == 1:
             write(0, d, rstd, mask)
             return

@@ -96,6 +96,30 @@ def test_layer_norm_matches_float64(case, impl):
                          np_layer_norm(f64(x), b=f64(b)), dtype=dtype)
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_layer_norm_one_pass_statistics_near_their_worst(dtype):
+    """16-bit one-block rows take mean and variance from one reduction of the row shifted by its
+    first element (``norm._shifted_stats``). Its cancellation is worst when the first element is
+    an outlier: a spike of ~3000 row deviations, a spike over tiny noise, an offset mean of 100
+    deviations. Every output stays within one ULP of the largest output of its row (float64
+    reference), as well as within the dtype's usual relative tolerance."""
+    n = 8192
+    noise = randn((4, n), jnp.float32)
+    spike = 0.01 * noise
+    spike = spike.at[:, 0].set(30.0)
+    tiny = 1e-3 * noise
+    tiny = tiny.at[:, 0].set(64.0)
+    for name, rows in (("spike", spike), ("spike over tiny noise", tiny), ("offset", noise + 100)):
+        x = rows.astype(dtype)
+        expected = np_layer_norm(f64(x))
+        out = bi_jax.layer_norm(x, implementation="pallas")
+        testing.assert_close(out, expected, dtype=dtype)
+        err = np.abs(f64(out) - expected).max(axis=1)
+        top = np.abs(expected).max(axis=1)
+        ulp = float(jnp.finfo(dtype).eps) * np.exp2(np.floor(np.log2(top)))  # at the largest
+        assert (err <= ulp).all(), (name, err, ulp)
+
+
 @pytest.mark.parametrize("impl", INVARIANT_IMPLS)
 def test_multi_block_path_and_masked_rows(impl):
     x, r, w, b = _inputs(5, 1000, jnp.float32)
