@@ -21,7 +21,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # benchmarks/ is a package at the repository root, not installed
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import common, copy_floor, rows, run  # noqa: E402
+from benchmarks import common, copy_floor, rows, run, split_size  # noqa: E402
+from bi_jax import _backend as be  # noqa: E402
 from bi_jax import timing  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -212,3 +213,11 @@ def test_copy_floor_prints_one_row_per_size(capsys):
     assert [float(r[0]) for r in rows] == [0.25, 1.0]
     for r in rows:
         assert all(float(x) > 0 for x in (r[1], r[2], r[4], r[5]))
+
+
+@pytest.mark.skipif(be.is_hopper(), reason="on Hopper the benchmark runs (see gpu_run.sh)")
+def test_split_size_needs_the_mosaic_kernel():
+    """``python -m benchmarks.split_size`` times Mosaic configs only: elsewhere it stops at once,
+    naming the config it got, rather than timing the Triton kernel under that name."""
+    with pytest.raises(SystemExit, match="needs the Mosaic kernel.*kernel='triton'"):
+        split_size.main(["--reps", "3"])
