@@ -11,8 +11,8 @@ Dtypes: bfloat16, float16 and float32 inputs, weights and biases (mixed freely);
 whole affine transform in fp32, the output rounded once to x's dtype:
 ``rms_norm = x * rsqrt(mean(x^2) + eps) * weight`` and
 ``layer_norm = (x - mean) * rsqrt(var + eps) * weight + bias`` with the biased variance
-``mean((x - mean)^2)`` of the centred row (16-bit rows of one block: the same statistics from one
-reduction of the row shifted by its first element, ``_shifted_stats``). The fused residual sum
+``mean((x - mean)^2)`` of the centred row (16-bit rows of 513-16384 columns: the same statistics
+from one reduction of the row shifted by its first element, ``_shifted_stats``). The fused residual sum
 ``s`` is rounded to x's dtype and the norm is computed from the rounded ``s``, so both outputs
 agree bit for bit with
 ``s = (x + residual).astype(x.dtype); rms_norm(s)`` computed unfused by the same implementation.
@@ -149,8 +149,9 @@ def _shifted_stats(x, mask, first, *, n, eps):
     whose first element is a spike of ~3000 deviations, the largest output of an fp16 row was off
     by 0.66 ULP (two-pass statistics: 0.35), and every output stays within one ULP of its row's
     largest (``test_layer_norm_one_pass_statistics_near_their_worst``); without the shift an
-    offset mean alone breaks that. fp32 rows keep the two-pass statistics. Deterministic and
-    row-local, hence as invariant as the two-pass form.
+    offset mean alone breaks that. Used for 16-bit rows of one program each (more than 512
+    columns: the measured case); fp32 rows and tiles of several short rows keep the two-pass
+    statistics. Deterministic and row-local, hence as invariant as the two-pass form.
     """
     e = jnp.where(mask, x - first, 0.0)
     sums = jnp.sum(be.interpret_pin(jnp.stack([e, e * e], axis=-1)), axis=1)  # [rows, 2]
@@ -194,7 +195,7 @@ def _layer_norm_kernel(*refs, rows, n, block_rows, block, eps, has_weight, has_b
         x, mask = load_row(0)
         # the statistics materialised in interpret mode: XLA:CPU may fuse the divide and rsqrt
         # into the elementwise loops that use them, vectorised differently per program
-        if jnp.dtype(x_ref.dtype).itemsize == 2:  # one block-wide reduction (_shifted_stats)
+        if jnp.dtype(x_ref.dtype).itemsize == 2 and block_rows == 1:  # one reduction
             mu, rstd = _shifted_stats(x, mask, tile(0, block=1)[0].astype(_F32), n=n, eps=eps)
             d = jnp.where(mask, x - mu, 0.0)
         else:  # two reductions in sequence: the mean, then the centred squares
