@@ -5,17 +5,22 @@
 
 The platform allocator gives every buffer its own cudaMalloc, so an access past an array's end lands
 outside any allocation and memcheck reports it (with XLA's pooled allocator it would go unnoticed).
-Shapes are chosen so no dimension is a multiple of any tile. Ops whose module is missing are skipped.
+Shapes are chosen so no dimension is a multiple of any tile. The script imports ``bi_jax`` from the
+repository it sits in (nothing needs installing). A module that does not import, or an op name that
+matches no check, stops the run with an error: a run that checks nothing must not pass memcheck.
 """
 
 from __future__ import annotations
 
 import importlib
+import pathlib
 import sys
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # this checkout's bi_jax
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 
 def _randn(key, shape, dtype):
@@ -113,16 +118,13 @@ CHECKS = {
 
 def main(only: list[str]) -> None:
     """Run the checks of every module, or of those whose name ends in one of ``only``."""
+    chosen = {m: fn for m, fn in CHECKS.items() if not only or any(m.endswith(o) for o in only)}
+    if not chosen:
+        raise SystemExit(f"sanitize_ragged: {only} match no check (checks: {', '.join(CHECKS)})")
     print("backend:", jax.default_backend(), jax.devices()[0].device_kind)
     key = jax.random.key(0)
-    for module, fn in CHECKS.items():
-        if only and not any(module.endswith(name) for name in only):
-            continue
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            print("skip (module missing):", module)
-            continue
+    for module, fn in chosen.items():
+        importlib.import_module(module)  # an ImportError ends the run: nothing may pass unchecked
         print("ran:", fn(key))
 
 
