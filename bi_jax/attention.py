@@ -589,7 +589,7 @@ class _MosaicGeometry:
     r: int  # row slots per token
     group: int  # real query heads per row group (r == 1: 1)
     d: int
-    n_wg: int  # compute warpgroups per CTA (1 in split mode: every row fits one)
+    n_wg: int  # compute warpgroups per CTA (1 where every row fits one: decode, short chunks)
     heads_first: bool = False  # q2 is [B, H2, U, D] (one decode token: q as it lies)
 
     def rows_at(self, ref, b, u0, h2):
@@ -1005,7 +1005,9 @@ def _attend_mosaic(q, k, v, lengths, *, lens, causal, c, cfg):
     split = packed and u_valid <= _WG_ROWS and (
         cfg.split_kv if cfg.split_kv is not None
         else _split_pays(nb * hkv, be.cdiv(tk, cfg.split_size)))
-    n_wg = 1 if split else 2
+    # every row in one warpgroup (decode, short chunks): a second one would hold no rows and only
+    # take its turns on the tensor cores beside the first (fold mode); no numerics
+    n_wg = 1 if packed and u_valid <= _WG_ROWS else 2
     geo = _MosaicGeometry(u, u_valid, h2, group2, r, group if packed else 1, d, n_wg, heads_first)
     n_splits = be.cdiv(tk, cfg.split_size) if split else 0
     dt = q.dtype

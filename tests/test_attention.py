@@ -516,17 +516,20 @@ def test_mosaic_kernel_has_no_data_races(ctas, monkeypatch):
     """jax's race detector (GPU interpret mode) finds no unordered SMEM/GMEM accesses in the
     persistent kernel's barrier protocol when CTAs run several items: fold-mode prefill (the
     output tile in the total's SMEM, q reloaded per item) and split-mode decode (q kept across
-    the splits of one row tile); the decoded token equals its prefill row."""
+    the splits of one row tile) and fold-mode decode and a short chunk (one compute warpgroup,
+    the output in its total's SMEM); the decoded tokens equal their prefill rows."""
     monkeypatch.setattr(be, "sm_count", lambda: ctas)
     cfg = AttentionConfig(block_q=64, block_k=128, split_size=256, num_stages=2, kernel="mosaic")
     q, k, v = qkv(1, 300, 300, 4, 2, 64, jnp.bfloat16)
     with be.race_detection() as races_found:
         full = np.asarray(attention(q, k, v, implementation="pallas", config=cfg))
         assert not races_found(), "prefill"
-        out = decode_attention(q[:, 290:291], k, v, jnp.array([291]), implementation="pallas",
-                               config=dataclasses.replace(cfg, split_kv=True))
-        assert not races_found(), "decode"
-    testing.assert_bitwise_equal(np.asarray(out)[0], full[0, 290:291], what="decode vs prefill")
+        for split_kv, (lo, hi) in ((True, (290, 291)), (False, (290, 291)), (False, (270, 286))):
+            out = decode_attention(q[:, lo:hi], k, v, jnp.array([hi]), implementation="pallas",
+                                   config=dataclasses.replace(cfg, split_kv=split_kv))
+            assert not races_found(), f"decode split_kv={split_kv} tokens {lo}..{hi}"
+            testing.assert_bitwise_equal(np.asarray(out)[0], full[0, lo:hi],
+                                         what=f"split_kv={split_kv} tokens {lo}..{hi} vs prefill")
 
 
 @pytest.mark.parametrize("b,t,hq,hkv,ctas", [(8, 1024, 32, 8, 132), (1, 300, 4, 2, 3),
