@@ -969,7 +969,9 @@ def _split_pays(items: int, n_splits: int) -> bool:
     B = 16 (128 items) at 1k / 4k / 16k / 32k 1.01 / 0.96 / 0.92 / 0.93; B = 32 at 1k / 4k / 16k /
     32k 0.97 / 0.94 / 0.94 / 0.94; B = 64 at 1k / 4k / 16k 0.96 / 0.94 / 0.94; B = 128 and 256 at
     1k and 4k 0.93-0.96. Split mode stays for B = 8 (64 items) at 1k / 4k / 16k: 1.09 / 1.03 /
-    0.98, and for B = 1 (1k: 1.60)."""
+    0.98, and for B = 1 (1k: 1.60). With one compute warpgroup in fold mode (f787370; H100,
+    2026-12-07): B = 16 at 1k / 16k 0.96 / 0.93, B = 8 at 1k / 4k / 16k 1.03 / 1.00 / 0.98, B = 4
+    at 4k / 16k 1.81 / 1.96, so the rule stands."""
     sms = be.sm_count()
     return n_splits > 1 and items < 0.9 * be.cdiv(items, sms) * sms
 
