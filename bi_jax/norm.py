@@ -256,7 +256,8 @@ def _rms_norm_pallas(x2, weight, residual2, *, eps, config):
 _SM_REGISTERS, _SM_THREADS = 65536, 2048  # per SM, sm_80 and sm_90
 # Registers per thread of the one-block layer_norm kernel (16 elements of the row per thread), as
 # allocated (in steps of 8): whole, and writing its row in pieces. ncu, H100, 2026-11-25: 39 and 32
-# at blocks of 2048, 4096 and 8192 columns (4, 8 and 16 warps).
+# at blocks of 2048, 4096 and 8192 columns (4, 8 and 16 warps); again under the one-reduction
+# statistics (2026-12-07, bf16 with weight and bias): 40 whole, 32 / 32 / 26 in pieces.
 _WHOLE_REGS, _PIECES_REGS = 40, 32
 
 
