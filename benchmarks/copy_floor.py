@@ -57,8 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         nbytes = int(mb * 1e6)
         cp = timing.copy_bandwidth(nbytes // 2, reps=args.reps)
         rd = _read_only(nbytes, args.reps)
-        print(f"{mb:10.2f} {cp.median_ms * 1e3:9.1f} {cp.gbps:10.0f} {cp.gbps / big.gbps:13.0%} "
-              f"{rd.median_ms * 1e3:9.1f} {rd.gbps:10.0f} {rd.gbps / big.gbps:13.0%}", flush=True)
+        # GB/s to 4 significant digits: a slow host's 0.4 GB/s must not print as 0
+        print(f"{mb:10.2f} {cp.median_ms * 1e3:9.1f} {cp.gbps:10.4g} {cp.gbps / big.gbps:13.0%} "
+              f"{rd.median_ms * 1e3:9.1f} {rd.gbps:10.4g} {rd.gbps / big.gbps:13.0%}", flush=True)
     return 0
 
 
