@@ -13,6 +13,7 @@ import json
 import pathlib
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # benchmarks/ is a package at the repository root, not installed
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import common, copy_floor, rows, run, split_size  # noqa: E402
+from benchmarks import common, copy_floor, rows, run, split_size, wgmma_bits  # noqa: E402
 from bi_jax import _backend as be  # noqa: E402
 from bi_jax import timing  # noqa: E402
 
@@ -221,3 +222,16 @@ def test_split_size_needs_the_mosaic_kernel():
     naming the config it got, rather than timing the Triton kernel under that name."""
     with pytest.raises(SystemExit, match="needs the Mosaic kernel.*kernel='triton'"):
         split_size.main(["--reps", "3"])
+
+
+def test_wgmma_bits_lowers_for_cuda():
+    """``python -m benchmarks.wgmma_bits``: its one kernel lowers for the GPU (CI has none; the
+    interpreter cannot run a wgmma with a register operand or an initialised accumulator)."""
+    args = [jax.ShapeDtypeStruct(s, d) for s, d in wgmma_bits.IN_SHAPES]
+    assert be.mosaic_kernel_count(be.export_for_cuda(wgmma_bits.products, *args)) == 1
+
+
+@pytest.mark.skipif(be.is_hopper(), reason="on Hopper the probe runs")
+def test_wgmma_bits_needs_hopper():
+    with pytest.raises(SystemExit, match="needs a Hopper GPU"):
+        wgmma_bits.main([])
